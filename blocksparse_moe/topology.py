@@ -1,0 +1,220 @@
+"""The blocked CSR-COO description of a block-sparse matrix (the MegaBlocks layout).
+
+A ``Topology`` describes which ``b x b`` blocks of an ``M x N`` matrix are stored, and in
+what order. The data itself lives elsewhere (``SparseMatrix.data``, shape ``[nnz, b, b]``),
+in row-major block order. The metadata, all int32 (int16 overflows on large layers):
+
+    row_indices[nnz]         block row of each stored block (COO)
+    column_indices[nnz]      block column of each stored block (CSR)
+    offsets[M/b + 1]         CSR row pointers into the stored blocks
+    column_indices_t[nnz]    block *row* of each block, listed in column-major order
+    offsets_t[N/b + 1]       CSR pointers of the transpose (column pointers)
+    block_offsets_t[nnz]     index into ``data`` of each block, listed in column-major order
+
+The last three let the products read the transpose without moving any data.
+
+For a dropless MoE the matrix is the hidden activation ``P x (E*F)``: block row ``r`` belongs
+to expert ``e(r)`` and holds the ``F/b`` blocks of that expert's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+_FIELDS = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Blocked CSR-COO metadata of an ``M x N`` block-sparse matrix (see module docstring)."""
+
+    row_indices: torch.Tensor
+    column_indices: torch.Tensor
+    offsets: torch.Tensor
+    column_indices_t: torch.Tensor
+    offsets_t: torch.Tensor
+    block_offsets_t: torch.Tensor
+    shape: Tuple[int, int]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        check_block_size(self.block_size)
+        m, n = self.shape
+        b = self.block_size
+        if m < 0 or n < 0 or m % b or n % b:
+            raise ValueError(f"Topology: shape {tuple(self.shape)} is not a non-negative multiple of block_size {b}")
+        device = self.row_indices.device
+        for name in _FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Topology: {name} must be a tensor, got {type(t).__name__}")
+            if t.dtype != torch.int32:
+                raise TypeError(f"Topology: {name} must be int32, got {t.dtype}")
+            if t.dim() != 1 or not t.is_contiguous():
+                raise ValueError(f"Topology: {name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"Topology: {name} is on {t.device} but row_indices is on {device}")
+        nnz = self.row_indices.numel()
+        for name in ("column_indices", "column_indices_t", "block_offsets_t"):
+            if getattr(self, name).numel() != nnz:
+                raise ValueError(f"Topology: {name} has {getattr(self, name).numel()} entries, expected nnz={nnz}")
+        if self.offsets.numel() != m // b + 1:
+            raise ValueError(f"Topology: offsets has {self.offsets.numel()} entries, expected {m // b + 1}")
+        if self.offsets_t.numel() != n // b + 1:
+            raise ValueError(f"Topology: offsets_t has {self.offsets_t.numel()} entries, expected {n // b + 1}")
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        """Number of stored blocks."""
+        return self.row_indices.numel()
+
+    @property
+    def block_rows(self) -> int:
+        return self.shape[0] // self.block_size
+
+    @property
+    def block_columns(self) -> int:
+        return self.shape[1] // self.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_indices.device
+
+    def to(self, device: torch.device | str) -> "Topology":
+        return Topology(*(getattr(self, f).to(device) for f in _FIELDS), shape=self.shape, block_size=self.block_size)
+
+    # -- views for tests -----------------------------------------------------------------
+    def to_dense_mask(self) -> torch.Tensor:
+        """``[M, N]`` bool tensor, True inside stored blocks. Built from the COO fields."""
+        m, n = self.shape
+        b = self.block_size
+        blocks = torch.zeros(m // b, n // b, dtype=torch.bool, device=self.device)
+        blocks[self.row_indices.long(), self.column_indices.long()] = True
+        return blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+    def block_index_map(self) -> torch.Tensor:
+        """``[M/b, N/b]`` int64 tensor: the ``data`` index of each stored block, -1 elsewhere."""
+        b = self.block_size
+        out = torch.full((self.shape[0] // b, self.shape[1] // b), -1, dtype=torch.int64, device=self.device)
+        out[self.row_indices.long(), self.column_indices.long()] = torch.arange(self.nnz, device=self.device)
+        return out
+
+    # -- construction --------------------------------------------------------------------
+    @staticmethod
+    def from_block_coo(row_indices: torch.Tensor, column_indices: torch.Tensor, shape: Tuple[int, int],
+                       block_size: int) -> "Topology":
+        """Any block pattern from COO block coordinates (sorted here into row-major order).
+
+        Used by tests to exercise the products on patterns routing never makes.
+        """
+        check_block_size(block_size)
+        m, n = int(shape[0]), int(shape[1])
+        if m % block_size or n % block_size:
+            raise ValueError(f"from_block_coo: shape {(m, n)} is not a multiple of block_size {block_size}")
+        rows = row_indices.to(torch.int64).flatten()
+        cols = column_indices.to(torch.int64).flatten()
+        if rows.numel() != cols.numel():
+            raise ValueError(f"from_block_coo: {rows.numel()} row indices but {cols.numel()} column indices")
+        if rows.numel() and (rows.min() < 0 or rows.max() >= m // block_size):
+            raise ValueError(f"from_block_coo: row_indices out of range [0, {m // block_size})")
+        if cols.numel() and (cols.min() < 0 or cols.max() >= n // block_size):
+            raise ValueError(f"from_block_coo: column_indices out of range [0, {n // block_size})")
+        key = rows * (n // block_size) + cols
+        if torch.unique(key).numel() != key.numel():
+            raise ValueError("from_block_coo: duplicate blocks")
+        order = torch.argsort(key, stable=True)
+        return _from_sorted_coo(rows[order], cols[order], (m, n), block_size)
+
+
+def _from_sorted_coo(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], block_size: int) -> Topology:
+    """Topology from row-major sorted block coordinates (int64), with the transposed metadata."""
+    m, n = shape
+    device = rows.device
+    nbr, nbc = m // block_size, n // block_size
+    offsets = torch.zeros(nbr + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=nbr), 0)
+    # A stable sort by column keeps blocks of one column in row order.
+    block_offsets_t = torch.argsort(cols, stable=True)
+    offsets_t = torch.zeros(nbc + 1, dtype=torch.int64, device=device)
+    offsets_t[1:] = torch.cumsum(torch.bincount(cols, minlength=nbc), 0)
+    i32 = torch.int32
+    return Topology(
+        row_indices=rows.to(i32).contiguous(),
+        column_indices=cols.to(i32).contiguous(),
+        offsets=offsets.to(i32),
+        column_indices_t=rows[block_offsets_t].to(i32).contiguous(),
+        offsets_t=offsets_t.to(i32),
+        block_offsets_t=block_offsets_t.to(i32).contiguous(),
+        shape=(m, n),
+        block_size=block_size,
+    )
+
+
+def check_make_topology_args(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
+                             block_size: int) -> None:
+    """Argument checks shared by every back end of :func:`make_topology`."""
+    check_block_size(block_size)
+    for name, v in (("num_experts", num_experts), ("ffn_hidden_size", ffn_hidden_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"make_topology: {name} must be an int, got {type(v).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"make_topology: num_experts must be >= 1, got {num_experts}")
+    if ffn_hidden_size < 1 or ffn_hidden_size % block_size:
+        raise ValueError(
+            f"make_topology: ffn_hidden_size ({ffn_hidden_size}) must be a positive multiple of block_size ({block_size})")
+    if not isinstance(padded_bins, torch.Tensor):
+        raise TypeError(f"make_topology: padded_bins must be a tensor, got {type(padded_bins).__name__}")
+    if padded_bins.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"make_topology: padded_bins must be int32 or int64, got {padded_bins.dtype}")
+    if padded_bins.shape != (num_experts,):
+        raise ValueError(f"make_topology: padded_bins has shape {tuple(padded_bins.shape)}, expected ({num_experts},)")
+
+
+def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int) -> Topology:
+    """The ``P x (E*F)`` topology of a dropless MoE's hidden activation.
+
+    Args:
+        padded_bins: ``[E]`` inclusive cumulative sum of each expert's token count rounded up
+            to ``block_size`` (``Routing.padded_bins``). ``P = padded_bins[-1]``.
+        num_experts: ``E``.
+        ffn_hidden_size: ``F``, each expert's inner width; a multiple of ``block_size``.
+        block_size: ``b``, one of 16, 32, 64, 128.
+
+    Reads ``P`` back to the host to size the metadata (one synchronisation on a GPU).
+    """
+    check_make_topology_args(padded_bins, num_experts, ffn_hidden_size, block_size)
+    from . import _native  # local: _native imports this module
+
+    return _native.make_topology(padded_bins, num_experts, ffn_hidden_size, block_size)
+
+
+def make_topology_torch(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
+                        block_size: int) -> Topology:
+    """Pure-torch build of :func:`make_topology` (the fallback when ``_C`` is missing)."""
+    b = block_size
+    fb = ffn_hidden_size // b
+    pb = padded_bins.to(torch.int64)
+    device = pb.device
+    p = int(pb[-1]) if pb.numel() else 0
+    starts = torch.cat([pb.new_zeros(1), pb[:-1]])
+    lengths = pb - starts
+    if bool((lengths < 0).any()) or bool((pb % b != 0).any()):
+        raise ValueError("make_topology: padded_bins must be non-decreasing multiples of block_size")
+    rows_per_expert = lengths // b
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=device), rows_per_expert)
+    rows = torch.arange(p // b, device=device).repeat_interleave(fb)
+    cols = (expert_of_row[:, None] * fb + torch.arange(fb, device=device)[None, :]).reshape(-1)
+    return _from_sorted_coo(rows, cols, (p, num_experts * ffn_hidden_size), b)
