@@ -26,6 +26,8 @@ import torch
 
 from .topology import Topology, check_block_size
 
+_INT32_MAX = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -71,8 +73,14 @@ def check_route_args(expert_indices: torch.Tensor, num_experts: int, block_size:
     if num_experts < 1:
         raise ValueError(f"route: num_experts must be >= 1, got {num_experts}")
     check_block_size(block_size)
-    if expert_indices.numel():
-        lo, hi = int(expert_indices.min()), int(expert_indices.max())
+    n = expert_indices.numel()
+    # P <= T*k + E*(b-1) must fit the int32 outputs.
+    if n + num_experts * (block_size - 1) > _INT32_MAX:
+        raise ValueError(f"route: T*k + E*(block_size-1) = {n} + {num_experts}*{block_size - 1} exceeds the int32 "
+                         "range of the routing indices")
+    if n:
+        lo, hi = torch.aminmax(expert_indices)
+        lo, hi = torch.stack([lo, hi]).tolist()  # one host read (a synchronization on CUDA)
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"route: expert_indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
 

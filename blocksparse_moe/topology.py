@@ -181,6 +181,10 @@ def check_make_topology_args(padded_bins: torch.Tensor, num_experts: int, ffn_hi
         raise TypeError(f"make_topology: padded_bins must be int32 or int64, got {padded_bins.dtype}")
     if padded_bins.shape != (num_experts,):
         raise ValueError(f"make_topology: padded_bins has shape {tuple(padded_bins.shape)}, expected ({num_experts},)")
+    if not padded_bins.is_contiguous():
+        raise ValueError(f"make_topology: padded_bins must be contiguous, got stride {padded_bins.stride()}")
+    if padded_bins.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"make_topology: padded_bins is on unsupported device {padded_bins.device}")
 
 
 def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int) -> Topology:
@@ -212,7 +216,8 @@ def make_topology_torch(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_
     starts = torch.cat([pb.new_zeros(1), pb[:-1]])
     lengths = pb - starts
     if bool((lengths < 0).any()) or bool((pb % b != 0).any()):
-        raise ValueError("make_topology: padded_bins must be non-decreasing multiples of block_size")
+        raise ValueError(f"make_topology: padded_bins must be non-decreasing multiples of block_size ({b}), "
+                         f"got P = padded_bins[-1] = {p}")
     rows_per_expert = lengths // b
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=device), rows_per_expert)
     rows = torch.arange(p // b, device=device).repeat_interleave(fb)
