@@ -1,0 +1,119 @@
+"""DSD: dense = sparse x dense, with S or its transpose.
+
+    out[M, N] = S[M, K] @ B[K, N]        S = SparseMatrix(topology, data), M x K = topology.shape
+    out[M, N] = S^T[M, K] @ B[K, N]      transposed: M x K = reversed topology.shape
+
+    data [nnz, b, b]   any strides
+    b    [K, N]        any strides
+    out  [M, N]        any strides; every element is written (zeros for empty block rows)
+
+Metadata read: for S, ``offsets`` (CSR row pointers) and ``column_indices``; a stored block
+``i`` is ``data[i]``. For S^T, ``offsets_t`` and ``column_indices_t`` (block rows of S listed
+column by column: block rows of S^T and their block columns), and the block sits at
+``data[block_offsets_t[i]]``, read transposed by swapping its two strides. One kernel serves
+both: the launcher passes the metadata and the strides of the form it runs.
+
+Grid: (block rows of out x BLOCK_M tiles, N / BLOCK_N). Each program owns one output tile,
+walks the stored blocks of its block row and, inside each, K in BLOCK_K steps (one flat
+loop), accumulating in fp32; it stores its tile once. No atomics, so the result is deterministic.
+
+``kernels/dds.py`` runs this same kernel on transposed views (A @ S = (S^T @ A^T)^T).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+
+@triton.jit
+def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block_index_ptr,
+                N,
+                stride_dn, stride_dm, stride_dk, stride_bk, stride_bn, stride_om, stride_on,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                HAS_BLOCK_INDEX: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    TILES_M: tl.constexpr = BLOCK // BLOCK_M
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    block_row = pid_m // TILES_M
+    in_m = (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside the block
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    start = tl.load(row_offsets_ptr + block_row)
+    end = tl.load(row_offsets_ptr + block_row + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (stored block, K step) pairs rather than two nested loops: the
+    # inner loop would have only b / BLOCK_K trips, too few for Triton to pipeline.
+    KT: tl.constexpr = BLOCK // BLOCK_K
+    for j in range(start * KT, end * KT):
+        i = j // KT
+        kk = (j % KT) * BLOCK_K + offs_k
+        block_col = tl.load(block_cols_ptr + i).to(tl.int64)
+        if HAS_BLOCK_INDEX:
+            d = tl.load(block_index_ptr + i).to(tl.int64)
+        else:
+            d = tl.cast(i, tl.int64)  # d * stride_dn exceeds int32 on big layers
+        s = tl.load(data_ptr + d * stride_dn + in_m[:, None] * stride_dm + kk[None, :] * stride_dk)
+        b = tl.load(b_ptr + (block_col * BLOCK + kk)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=n_ok[None, :], other=0.0)
+        acc = _common.dot(s, b, acc, INTERPRET, INPUT_PRECISION)
+
+    offs_m = block_row.to(tl.int64) * BLOCK + in_m
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
+        offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
+        block_offsets_t: torch.Tensor, transposed: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch DSD: ``out = S @ b`` (``S^T @ b`` when ``transposed``); returns ``out [M, N]``.
+
+    ``data [nnz, bs, bs]`` and the topology's six metadata tensors describe S. ``b`` and
+    ``out`` are read and written through their strides (transposed views cost nothing).
+    ``ops.dsd`` has checked the arguments; this re-checks only what would make the kernel
+    touch memory out of bounds.
+    """
+    _common.check_launch_dtype("dsd", data, "s.data")
+    bs = data.shape[1]
+    if transposed:
+        row_offsets, block_cols, block_index = offsets_t, column_indices_t, block_offsets_t
+        stride_dm, stride_dk = data.stride(2), data.stride(1)
+        k = (offsets.numel() - 1) * bs
+    else:
+        row_offsets, block_cols, block_index = offsets, column_indices, None
+        stride_dm, stride_dk = data.stride(1), data.stride(2)
+        k = (offsets_t.numel() - 1) * bs
+    m = (row_offsets.numel() - 1) * bs
+    if data.shape != (row_indices.numel(), bs, bs):
+        raise ValueError(f"dsd: data has shape {tuple(data.shape)}, expected ({row_indices.numel()}, {bs}, {bs})")
+    if b.dim() != 2 or b.shape[0] != k or b.dtype != data.dtype:
+        raise ValueError(f"dsd: b must be {data.dtype} with {k} rows, got {b.dtype} {tuple(b.shape)}")
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=data.dtype, device=data.device)
+    elif out.shape != (m, n) or out.dtype != data.dtype or out.device != data.device:
+        raise ValueError(f"dsd: out must be {data.dtype} of shape ({m}, {n}) on {data.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if m == 0 or n == 0:
+        return out
+    kernel, meta = _common.launch_plan(_dsd_kernel, bs, "mk", data.device, key=["N"])
+
+    def grid(p):
+        return (m // p["BLOCK_M"], triton.cdiv(n, p["BLOCK_N"]))
+
+    kernel[grid](
+        data, b, out, row_offsets, block_cols, block_index,
+        n,
+        data.stride(0), stride_dm, stride_dk, b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None,
+        INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(data.dtype),
+        **meta,
+    )
+    return out

@@ -1,0 +1,89 @@
+"""Topologies and operands shared by test_sdd.py, test_dsd.py and test_dds.py.
+
+Each case names what it is for. Shapes stay small: the "triton" path runs in Triton's
+interpreter on CPU machines. Dense widths (K of SDD, N of DSD/DDS) are deliberately not
+multiples of the interpreter's 32-wide tiles so the kernels' masks are exercised; blocks of
+64 and 128 are split into tiles, blocks of 16 and 32 are one tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blocksparse_moe.topology import Topology, make_topology
+
+
+def moe_topology(tokens_per_expert, ffn_hidden_size: int, block_size: int) -> Topology:
+    """The ``P x (E*F)`` topology routing would build for these expert group sizes."""
+    t = torch.tensor(tokens_per_expert, dtype=torch.int64)
+    padded = (t + block_size - 1) // block_size * block_size
+    return make_topology(torch.cumsum(padded, 0), len(tokens_per_expert), ffn_hidden_size, block_size)
+
+
+def arbitrary_topology() -> Topology:
+    """A pattern routing never makes: rows with gaps, an empty block row, an empty block column."""
+    rows = torch.tensor([0, 0, 0, 1, 3, 3, 3])
+    cols = torch.tensor([4, 0, 2, 1, 0, 1, 4])  # block column 3 and block row 2 stay empty
+    return Topology.from_block_coo(rows, cols, (64, 80), 16)
+
+
+def _topology(spec) -> Topology:
+    if spec == "coo":
+        return arbitrary_topology()
+    return moe_topology(*spec)
+
+
+# (tokens per expert, F, block size) or "coo".
+_SPECS = {
+    "moe-ragged-empty-expert-b16": ([5, 0, 20], 32, 16),
+    "one-block-row-b32": ([3], 64, 32),
+    "all-tokens-one-expert-b16": ([0, 0, 37, 0], 16, 16),
+    "moe-b64": ([40, 70], 64, 64),
+    "moe-b128-tiny": ([100, 1], 128, 128),
+    "no-tokens-b16": ([0, 0], 32, 16),
+    "coo-arbitrary-b16": "coo",
+}
+CASE_IDS = list(_SPECS)
+# The cases the dtype sweep runs (the others run in fp32 and bf16 only, to keep time down).
+DTYPE_SWEEP_IDS = ["moe-ragged-empty-expert-b16", "coo-arbitrary-b16"]
+
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def case_params():
+    """``(case id, dtype)`` params: every case in fp32 and bf16, the sweep cases in fp16 too."""
+    out = []
+    for cid in CASE_IDS:
+        dts = (torch.float32, torch.float16, torch.bfloat16) if cid in DTYPE_SWEEP_IDS else (
+            torch.float32, torch.bfloat16)
+        for dt in dts:
+            out.append(pytest.param(cid, dt, id=f"{cid}-{_SHORT[dt]}"))
+    return out
+
+
+def topology(case_id: str, device) -> Topology:
+    return _topology(_SPECS[case_id]).to(device)
+
+
+def randn(shape, dtype, device, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Unit-variance (times ``scale``) values, generated in fp64 on CPU so every path sees the same."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def sparse_scale(topo: Topology, transposed: bool) -> float:
+    """1/sqrt(longest reduction) for random block data, so products are O(1)."""
+    counts = torch.diff((topo.offsets_t if transposed else topo.offsets).long())
+    longest = int(counts.max()) if counts.numel() else 0
+    return 1.0 / math.sqrt(max(1, longest * topo.block_size))
+
+
+def dense_blocks(dense: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The ``[nnz, b, b]`` blocks of a dense ``topo.shape`` matrix, in the topology's order."""
+    b = topo.block_size
+    m, n = topo.shape
+    tiles = dense.reshape(m // b, b, n // b, b).permute(0, 2, 1, 3)
+    return tiles[topo.row_indices.long(), topo.column_indices.long()]

@@ -1,0 +1,165 @@
+"""DDS (kernels/dds.py on the DSD kernel, cpu/products.py dds, ops.dds) against
+``a @ s.to_dense()`` in float64, for S and for its transpose S^T."""
+
+import pytest
+import torch
+
+from blocksparse_moe import backend, ops
+from blocksparse_moe.cpu import products as cpu_products
+from blocksparse_moe.matrix import SparseMatrix
+from product_cases import case_params, moe_topology, randn, sparse_scale, topology
+from tolerances import assert_close, poisoned
+
+M = 40  # rows of the dense operand: not a multiple of the 32-wide tile, the mask is exercised
+
+TRANSPOSED = [pytest.param(False, id="S"), pytest.param(True, id="St")]
+
+
+def _operands(topo, transposed, dtype, device, m=M, seed=0):
+    # a @ S reduces over S's rows (over S^T's rows = S's columns when transposed).
+    s = SparseMatrix(topo, randn((topo.nnz, topo.block_size, topo.block_size), dtype, device,
+                                 scale=sparse_scale(topo, not transposed), seed=seed))
+    if transposed:
+        s = s.t()
+    a = randn((m, s.shape[0]), dtype, device, seed=seed + 1)
+    return a, s
+
+
+def _expected(a, s):
+    return a.double() @ s.to_dense().double()
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case,dtype", case_params())
+def test_dds_matches_dense(path, case, dtype, transposed):
+    topo = topology(case, path)
+    a, s = _operands(topo, transposed, dtype, path)
+    y = ops.dds(a, s)
+    assert y.dtype == dtype and y.is_contiguous()
+    assert_close(y, _expected(a, s), dtype, msg=f"dds {case} transposed={transposed}")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dds_transposed_dense_operand(path, dtype, transposed):
+    # The weight gradient of the MoE is dds(x^T, dh): a is a transposed view.
+    topo = topology("moe-b64", path)
+    a0, s = _operands(topo, transposed, dtype, path)
+    a = a0.t().contiguous().t()
+    assert a.stride(0) == 1
+    assert_close(ops.dds(a, s), _expected(a0, s), dtype, msg="dds column-major a")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "moe-b128-tiny", "no-tokens-b16",
+                                  "coo-arbitrary-b16"])
+def test_dds_writes_every_element(path, case, transposed):
+    # Output columns no stored block reaches (empty expert, the coo case's empty column,
+    # everything with no tokens) must be zeros, not the poison.
+    topo = topology(case, path)
+    a, s = _operands(topo, transposed, torch.float32, path)
+    out = poisoned((M, s.shape[1]), torch.float32, path)
+    got = ops._dds_impl(a, s.data, topo, transposed, out=out)
+    assert got is out
+    assert_close(out, _expected(a, s), torch.float32, msg=f"dds poisoned {case}")
+
+
+def test_dds_strided_output(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)
+    a, s = _operands(topo, False, torch.float32, path)
+    out = poisoned((s.shape[1], M), torch.float32, path).t()
+    ops._dds_impl(a, s.data, topo, False, out=out)
+    assert_close(out, _expected(a, s), torch.float32, msg="dds column-major out")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+def test_dds_cpu_chunked_path(monkeypatch, transposed):
+    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
+    topo = topology("coo-arbitrary-b16", "cpu")
+    a, s = _operands(topo, transposed, torch.float64, "cpu")
+    got = cpu_products.dds(a, s.data, *ops._topology_meta(topo), transposed)
+    assert_close(got, _expected(a, s), torch.float64)
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "coo-arbitrary-b16"])
+def test_dds_gradcheck_fp64(case, transposed):
+    topo = topology(case, "cpu")
+    a, s = _operands(topo, transposed, torch.float64, "cpu", m=3)
+    a.requires_grad_(True)
+    data = s.data.requires_grad_(True)
+    with backend.prefer_on_cpu("cpu"):
+        assert torch.autograd.gradcheck(lambda a, d: ops.dds(a, s.with_data(d)), (a, data))
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "moe-b64", "coo-arbitrary-b16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dds_gradients_match_dense(path, case, dtype, transposed):
+    topo = topology(case, path)
+    a, s = _operands(topo, transposed, dtype, path)
+    a.requires_grad_(True)
+    data = s.data.requires_grad_(True)
+    y = ops.dds(a, s)
+    dy = randn(y.shape, dtype, path, scale=sparse_scale(topo, transposed), seed=5)
+    da, ddata = torch.autograd.grad(y, (a, data), dy)
+
+    a64 = a.detach().double().requires_grad_(True)
+    d64 = data.detach().double().requires_grad_(True)
+    da_ref, ddata_ref = torch.autograd.grad(a64 @ s.with_data(d64).to_dense(), (a64, d64), dy.double())
+    assert_close(da, da_ref, dtype, msg=f"dds da {case}")
+    assert_close(ddata, ddata_ref, dtype, msg=f"dds ddata {case}")
+
+
+def test_dds_gradient_of_expanded_output_grad(path):
+    # y.sum() hands backward a stride-0 (expanded) gradient: taken through strides as well.
+    topo = topology("moe-ragged-empty-expert-b16", path)
+    a, s = _operands(topo, False, torch.float32, path)
+    a.requires_grad_(True)
+    data = s.data.requires_grad_(True)
+    da, ddata = torch.autograd.grad(ops.dds(a, s).sum(), (a, data))
+    a64 = a.detach().double().requires_grad_(True)
+    d64 = data.detach().double().requires_grad_(True)
+    da_ref, ddata_ref = torch.autograd.grad((a64 @ s.with_data(d64).to_dense()).sum(), (a64, d64))
+    assert_close(da, da_ref, torch.float32, msg="dds da of sum")
+    assert_close(ddata, ddata_ref, torch.float32, msg="dds ddata of sum")
+
+
+def test_dds_rejects_bad_arguments(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)  # S is 48 x 96
+    a, s = _operands(topo, False, torch.float32, path)
+    with pytest.raises(TypeError, match="dds: s must be a SparseMatrix, got Tensor"):
+        ops.dds(a, s.to_dense())
+    with pytest.raises(TypeError, match="dds: a must be a tensor, got list"):
+        ops.dds([[1.0]], s)
+    with pytest.raises(ValueError, match=r"dds: a has 40 columns \(shape \(48, 40\)\) but s has 48 rows"):
+        ops.dds(a.t(), s)
+    with pytest.raises(ValueError, match=r"dds: a has 48 columns \(shape \(40, 48\)\) but s has 96 rows"):
+        ops.dds(a, s.t())
+    with pytest.raises(TypeError, match="dds: a is torch.float16 but s.data is torch.float32"):
+        ops.dds(a.half(), s)
+    with pytest.raises(ValueError, match="dds: a is on meta but s.data is on cpu"):
+        ops.dds(a.to("meta"), SparseMatrix(topo.to("cpu"), s.data.cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["S", "St"])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_dds_gpu(block_size, dtype, transposed):
+    g = torch.Generator().manual_seed(block_size)
+    tokens = torch.randint(0, 300, (8,), generator=g).tolist()
+    tokens[0] = 0
+    topo = moe_topology(tokens, 256, block_size).to("cuda")
+    a, s = _operands(topo, transposed, dtype, "cuda", m=520)
+    assert_close(ops.dds(a, s), _expected(a, s), dtype, msg=f"dds gpu b={block_size}")
+    a.requires_grad_(True)
+    data = s.data.requires_grad_(True)
+    y = ops.dds(a, s)
+    dy = randn(y.shape, dtype, "cuda", scale=sparse_scale(topo, transposed), seed=5)
+    da, ddata = torch.autograd.grad(y, (a, data), dy)
+    a64 = a.detach().double().requires_grad_(True)
+    d64 = data.detach().double().requires_grad_(True)
+    da_ref, ddata_ref = torch.autograd.grad(a64 @ s.with_data(d64).to_dense(), (a64, d64), dy.double())
+    assert_close(da, da_ref, dtype, msg="dds gpu da")
+    assert_close(ddata, ddata_ref, dtype, msg="dds gpu ddata")

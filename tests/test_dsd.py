@@ -1,0 +1,178 @@
+"""DSD (kernels/dsd.py, cpu/products.py dsd, ops.dsd) against ``s.to_dense() @ b`` in float64,
+for S and for its transpose S^T (read through the transposed metadata)."""
+
+import pytest
+import torch
+
+from blocksparse_moe import backend, ops
+from blocksparse_moe.cpu import products as cpu_products
+from blocksparse_moe.matrix import SparseMatrix
+from product_cases import case_params, moe_topology, randn, sparse_scale, topology
+from tolerances import assert_close, poisoned
+
+N = 40  # not a multiple of the 32-wide N tile: the N mask is exercised
+
+TRANSPOSED = [pytest.param(False, id="S"), pytest.param(True, id="St")]
+
+
+def _operands(topo, transposed, dtype, device, n=N, seed=0):
+    s = SparseMatrix(topo, randn((topo.nnz, topo.block_size, topo.block_size), dtype, device,
+                                 scale=sparse_scale(topo, transposed), seed=seed))
+    if transposed:
+        s = s.t()
+    b = randn((s.shape[1], n), dtype, device, seed=seed + 1)
+    return s, b
+
+
+def _expected(s, b):
+    return s.to_dense().double() @ b.double()
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case,dtype", case_params())
+def test_dsd_matches_dense(path, case, dtype, transposed):
+    topo = topology(case, path)
+    s, b = _operands(topo, transposed, dtype, path)
+    y = ops.dsd(s, b)
+    assert y.dtype == dtype and y.is_contiguous()
+    assert_close(y, _expected(s, b), dtype, msg=f"dsd {case} transposed={transposed}")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dsd_transposed_dense_operand(path, dtype, transposed):
+    # Backward hands b.t() views (e.g. dY @ W^T): read through strides, no copy.
+    topo = topology("moe-b64", path)
+    s, b0 = _operands(topo, transposed, dtype, path)
+    b = b0.t().contiguous().t()
+    assert b.stride(0) == 1
+    assert_close(ops.dsd(s, b), _expected(s, b0), dtype, msg="dsd column-major b")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "moe-b128-tiny", "no-tokens-b16",
+                                  "coo-arbitrary-b16"])
+def test_dsd_writes_every_element(path, case, transposed):
+    # Empty block rows (the empty expert's columns under S^T, the coo case's empty row and
+    # column, all of S^T with no tokens) must come out as zeros, not as the poison.
+    topo = topology(case, path)
+    s, b = _operands(topo, transposed, torch.float32, path)
+    out = poisoned((s.shape[0], N), torch.float32, path)
+    got = ops._dsd_impl(s.data, b, topo, transposed, out=out)
+    assert got is out
+    assert_close(out, _expected(s, b), torch.float32, msg=f"dsd poisoned {case}")
+
+
+def test_dsd_strided_output(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)
+    s, b = _operands(topo, False, torch.float32, path)
+    out = poisoned((N, s.shape[0]), torch.float32, path).t()  # column-major [M, N]
+    ops._dsd_impl(s.data, b, topo, False, out=out)
+    assert_close(out, _expected(s, b), torch.float32, msg="dsd column-major out")
+
+
+def test_dsd_strided_blocks(path):
+    # data itself may be strided (e.g. a transposed view of another block tensor).
+    topo = topology("moe-b64", path)
+    s, b = _operands(topo, False, torch.float32, path)
+    s = s.with_data(s.data.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not s.data.is_contiguous()
+    assert_close(ops.dsd(s, b), _expected(s, b), torch.float32, msg="dsd strided data")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+def test_dsd_deterministic(path, transposed):
+    # No float atomics anywhere: allowed under deterministic mode, bitwise repeatable.
+    topo = topology("coo-arbitrary-b16", path)
+    s, b = _operands(topo, transposed, torch.float32, path)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = ops.dsd(s, b), ops.dsd(s, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+def test_dsd_cpu_chunked_path(monkeypatch, transposed):
+    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
+    topo = topology("coo-arbitrary-b16", "cpu")
+    s, b = _operands(topo, transposed, torch.float64, "cpu")
+    got = cpu_products.dsd(s.data, b, *ops._topology_meta(topo), transposed)
+    assert_close(got, _expected(s, b), torch.float64)
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "coo-arbitrary-b16"])
+def test_dsd_gradcheck_fp64(case, transposed):
+    topo = topology(case, "cpu")
+    s, b = _operands(topo, transposed, torch.float64, "cpu", n=3)
+    data = s.data.requires_grad_(True)
+    b.requires_grad_(True)
+    with backend.prefer_on_cpu("cpu"):
+        assert torch.autograd.gradcheck(lambda d, b: ops.dsd(s.with_data(d), b), (data, b))
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "moe-b64", "coo-arbitrary-b16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dsd_gradients_match_dense(path, case, dtype, transposed):
+    topo = topology(case, path)
+    s, b = _operands(topo, transposed, dtype, path)
+    data = s.data.requires_grad_(True)
+    b.requires_grad_(True)
+    y = ops.dsd(s, b)
+    dy = randn(y.shape, dtype, path, scale=sparse_scale(topo, not transposed), seed=5)
+    ddata, db = torch.autograd.grad(y, (data, b), dy)
+
+    d64 = data.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True)
+    y64 = s.with_data(d64).to_dense() @ b64
+    ddata_ref, db_ref = torch.autograd.grad(y64, (d64, b64), dy.double())
+    assert_close(ddata, ddata_ref, dtype, msg=f"dsd ddata {case}")
+    assert_close(db, db_ref, dtype, msg=f"dsd db {case}")
+
+
+def test_dsd_rejects_bad_arguments(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)  # 48 x 96
+    s, b = _operands(topo, False, torch.float32, path)
+    with pytest.raises(TypeError, match="dsd: s must be a SparseMatrix, got Tensor"):
+        ops.dsd(s.to_dense(), b)
+    with pytest.raises(ValueError, match=r"dsd: b must be 2-D, got shape \(96,\)"):
+        ops.dsd(s, b[:, 0])
+    with pytest.raises(ValueError, match=r"dsd: s has 96 columns \(shape \(48, 96\)\) but b has 48 rows"):
+        ops.dsd(s, b[:48])
+    with pytest.raises(ValueError, match=r"dsd: s has 48 columns \(shape \(96, 48\)\) but b has 96 rows"):
+        ops.dsd(s.t(), b)
+    with pytest.raises(TypeError, match="dsd: s.data is torch.float32 but b is torch.bfloat16"):
+        ops.dsd(s, b.bfloat16())
+    with pytest.raises(ValueError, match="dsd: s.data is on cpu but b is on meta"):
+        ops.dsd(SparseMatrix(topo.to("cpu"), s.data.cpu()), b.to("meta"))
+    bad = SparseMatrix(topo, s.data)
+    bad.data = s.data[:, :8, :8]  # data swapped behind the constructor's back: block size 8 != 16
+    with pytest.raises(ValueError, match=r"dsd: s.data has shape \(6, 8, 8\) but its topology needs \(nnz=6, 16, 16\)"):
+        ops.dsd(bad, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["S", "St"])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_dsd_gpu(block_size, dtype, transposed):
+    g = torch.Generator().manual_seed(block_size)
+    tokens = torch.randint(0, 300, (8,), generator=g).tolist()
+    tokens[5] = 0
+    topo = moe_topology(tokens, 256, block_size).to("cuda")
+    s, b = _operands(topo, transposed, dtype, "cuda", n=520)
+    assert_close(ops.dsd(s, b), _expected(s, b), dtype, msg=f"dsd gpu b={block_size}")
+    data = s.data.requires_grad_(True)
+    b.requires_grad_(True)
+    y = ops.dsd(s, b)
+    dy = randn(y.shape, dtype, "cuda", scale=sparse_scale(topo, not transposed), seed=5)
+    ddata, db = torch.autograd.grad(y, (data, b), dy)
+    d64 = data.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True)
+    ddata_ref, db_ref = torch.autograd.grad(s.with_data(d64).to_dense() @ b64, (d64, b64), dy.double())
+    assert_close(ddata, ddata_ref, dtype, msg="dsd gpu ddata")
+    assert_close(db, db_ref, dtype, msg="dsd gpu db")
