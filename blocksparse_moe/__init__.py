@@ -1,9 +1,27 @@
-"""blocksparse_moe: dropless Mixture-of-Experts on block-sparse products (MegaBlocks formulation)."""
+"""blocksparse_moe: dropless Mixture-of-Experts on block-sparse products (MegaBlocks formulation).
+
+Tokens are grouped by expert, each group is padded only to the next block, and the expert
+MLPs run as block-sparse products (SDD, DSD, DDS) over a blocked CSR-COO topology. No token
+is dropped and there is no capacity factor.
+
+Importing the package starts nothing: the native extension is loaded, and Triton kernels are
+compiled or autotuned, on first use.
+"""
 
 from ._native import native_status
+from .matrix import SparseMatrix
+from .moe import DenseMLP, DroplessMoE, MoEAux, expert_mlp
+from .ops import (dds, dsd, gather, padded_gather, padded_scatter, scatter, sdd, sparse_activation, sparse_glu,
+                  sparse_glu_packed)
+from .router import Router, RouterOutput, load_balancing_loss, z_loss
 from .routing import Routing, route
 from .topology import Topology, make_topology
 
 __version__ = "0.1.0"
 
-__all__ = ["Routing", "Topology", "make_topology", "native_status", "route", "__version__"]
+__all__ = [
+    "DenseMLP", "DroplessMoE", "MoEAux", "Router", "RouterOutput", "Routing", "SparseMatrix", "Topology",
+    "dds", "dsd", "expert_mlp", "gather", "load_balancing_loss", "make_topology", "native_status",
+    "padded_gather", "padded_scatter", "route", "scatter", "sdd", "sparse_activation", "sparse_glu",
+    "sparse_glu_packed", "z_loss", "__version__",
+]

@@ -1,0 +1,74 @@
+"""``python -m blocksparse_moe`` and ``bench/layer.py`` on tiny shapes: they check, time,
+report, write JSON/markdown, and the main job exits non-zero when a check fails."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import blocksparse_moe._layer_bench as lb
+from blocksparse_moe.__main__ import main
+
+TINY = [
+    lb.LayerShape("tiny-glu", 24, 16, 32, 4, 2, 16),
+    lb.LayerShape("tiny-deepseek", 20, 16, 16, 8, 3, 16, shared=16,
+                  options=dict(score="sigmoid", renormalize=True, expert_bias=True, scaling_factor=2.5)),
+    lb.LayerShape("tiny-mlp", 16, 16, 16, 4, 1, 16, glu=False, activation="gelu"),
+]
+FAST = dict(min_runs=1, max_runs=1, budget_s=0.0)
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    monkeypatch.setattr(lb, "CPU_SHAPES", TINY)
+    real = lb.time_layer
+    monkeypatch.setattr(lb, "time_layer", lambda *a, **k: real(*a[:4], **FAST))
+
+
+def test_main_job_passes_and_writes_json(tiny_shapes, tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert main(["--device", "cpu", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    for name in ("tiny-glu", "tiny-deepseek", "tiny-mlp", "TFLOP/s", "tokens/s"):
+        assert name in text
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["tiny-glu", "tiny-deepseek", "tiny-mlp"]
+    for r in rows:
+        assert r["check"] == "ok" and 0 <= r["worst_tol_ratio"] <= 1 and r["tokens_per_s"] > 0
+    # GLU: 18*T*k*H*F useful FLOPs per forward+backward.
+    assert TINY[0].useful_flops() == 18 * 24 * 2 * 16 * 32
+    assert TINY[2].useful_flops(backward=False) == 4 * 16 * 1 * 16 * 16
+
+
+def test_main_job_fails_when_a_check_fails(tiny_shapes, monkeypatch, capsys):
+    # A tolerance no float32 layer can meet: the job must report it and exit 1.
+    table = dict(lb.tolerance_table())
+    table[("layer", torch.float32)] = (0.0, 1e-30)
+    monkeypatch.setattr(lb, "tolerance_table", lambda: table)
+    assert main(["--device", "cpu", "--shapes", "tiny-glu"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "FAILED: tiny-glu" in captured.err
+
+
+def test_main_job_bad_arguments(capsys):
+    assert main(["--device", "cpu", "--shapes", "no-such-shape"]) == 2
+    assert "unknown shapes" in capsys.readouterr().err
+
+
+def test_layer_benchmark_writes_results(tiny_shapes, tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import layer as bench_layer
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(bench_layer, "CPU_SHAPES", TINY[:1])
+    assert bench_layer.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].startswith("layer-cpu") and files[0].endswith(".json")
+    rows = json.loads((tmp_path / files[0]).read_text())["rows"]
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["blocksparse"]["status"] == "ok" and by_impl["loop"]["status"] == "ok"
+    assert by_impl["blocksparse"]["step_speedup_vs_loop"] > 0
+    assert "| tiny-glu |" in (tmp_path / files[1]).read_text()
