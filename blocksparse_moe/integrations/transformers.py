@@ -1,0 +1,286 @@
+"""Run any 🤗 transformers MoE model's experts on the block-sparse kernels.
+
+Importing this module (or calling :func:`register`, which is idempotent) adds an experts
+implementation named ``"blocksparse_moe"`` to transformers' ``ExpertsInterface``, so::
+
+    import blocksparse_moe.integrations.transformers  # registers "blocksparse_moe"
+    model.set_experts_implementation("blocksparse_moe")
+
+runs every ``@use_experts_implementation`` experts module (Mixtral, Qwen2/3-MoE, OLMoE,
+GPT-OSS, DeepSeek, ...) dropless on ``route -> padded_gather -> sdd -> gate -> dsd ->
+padded_scatter``, with autograd. transformers is an optional dependency (extra
+``[transformers]``); nothing here downloads weights.
+
+How the module's weight layouts map onto the two products (``E`` experts, hidden ``H``,
+inner width ``F``, block size ``b``):
+
+* ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) becomes the ``[H, E*W]``
+  right operand of the SDD, ``W = 2F`` (gated) or ``F``; expert ``e`` owns columns
+  ``e*W .. (e+1)*W - 1`` in the module's own column order, so the SDD's block row of
+  expert ``e`` holds exactly the ``[gate | up]`` (or interleaved) row transformers computes.
+  With ``is_transposed=False`` (``[E, W, H]``) this is a pure view; with
+  ``is_transposed=True`` (``[E, H, W]``) no strided 2-D view exists and torch copies it
+  (one read of the weight, which the product reads anyway; autograd flows through).
+* ``down_proj`` becomes the ``[E*F, H]`` right operand of the DSD: a view for
+  ``is_transposed=True`` (``[E, F, H]``), a copy for ``[E, H, F]``.
+* ``F`` must be a multiple of a block size; the largest of 128/64/32/16 dividing ``F`` is
+  used. Otherwise ``F`` is padded with zero columns to a multiple of 16 (gate/up halves
+  padded separately so column ``i`` of gate still meets column ``i`` of up): the padded
+  columns meet zero rows of ``down_proj``, and a custom gate is handed only the real
+  columns, so the result is exact. Padding copies the weights each call; prefer an ``F``
+  divisible by 16.
+
+Gating. transformers' default ``_apply_gate`` is ``act(gate) * up`` on ``chunk(2)``: it is
+applied blockwise on the SDD's blocks, gate block ``c`` with up block ``c`` of the same row,
+without moving data. A custom ``_apply_gate`` (GPT-OSS's clamped, interleaved SwiGLU,
+DeepSeek-V4's clamp, ...) only promises to map ``[S, 2F]`` rows to ``[S, F]`` rows, so it
+gets exactly that: the blocks are viewed as the dense ``[P, 2F]`` rows (one copy), gated,
+and put back into blocks (one copy).
+
+Biases (``has_bias``) are added per row from the expert that owns the row (from
+``padded_bins``); padding rows get them too but are never read back by the scatter, so
+they get no gradient. ``has_post_expert_norm`` applies the module's norm to the DSD's rows.
+
+Expert parallelism: when transformers shards the experts (``module._is_expert_parallel``),
+ids outside ``[0, num_experts)`` mark pairs whose expert lives on another rank. They are
+routed to one extra, virtual expert that the products never see (its rows are cut off
+before the SDD and come back as zeros), so they cost no matmul and contribute exactly zero,
+to the output and to every gradient. Outside expert parallelism such ids are an error.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "blocksparse_moe.integrations.transformers needs transformers with the ExpertsInterface "
+        "(transformers >= 5): pip install 'blocksparse_moe[transformers]'") from exc
+
+from .. import ops
+from ..matrix import SparseMatrix
+from ..routing import route
+from ..topology import SUPPORTED_BLOCK_SIZES, make_topology
+
+IMPLEMENTATION_NAME = "blocksparse_moe"
+
+__all__ = ["IMPLEMENTATION_NAME", "blocksparse_experts_forward", "pick_block_size", "register"]
+
+
+def pick_block_size(ffn_hidden_size: int, max_block_size: int = 128) -> Tuple[int, int]:
+    """``(block_size, padded_ffn_hidden_size)`` for an expert inner width ``F``.
+
+    The largest supported block size (<= ``max_block_size``) that divides ``F``; when none
+    does, the smallest block size and ``F`` rounded up to it (the caller pads with zeros).
+    """
+    if isinstance(ffn_hidden_size, bool) or not isinstance(ffn_hidden_size, int) or ffn_hidden_size < 1:
+        raise ValueError(f"blocksparse_moe experts: intermediate size must be a positive int, got {ffn_hidden_size!r}")
+    candidates = [b for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True) if b <= max_block_size]
+    if not candidates:
+        raise ValueError(f"blocksparse_moe experts: max_block_size {max_block_size} is below every supported "
+                         f"block size {SUPPORTED_BLOCK_SIZES}")
+    for b in candidates:
+        if ffn_hidden_size % b == 0:
+            return b, ffn_hidden_size
+    b = candidates[-1]
+    return b, -(-ffn_hidden_size // b) * b
+
+
+def _uses_default_gate(module: torch.nn.Module) -> bool:
+    fn = getattr(module, "_apply_gate", None)
+    return getattr(fn, "__func__", None) is _default_apply_gate
+
+
+def _fused_activation(act_fn) -> Optional[str]:
+    """The name :mod:`blocksparse_moe.ops` knows ``act_fn`` by, or None (then torch runs it).
+
+    Exact types only: a subclass may have changed ``forward``.
+    """
+    from transformers import activations as hf_act
+
+    kind = type(act_fn)
+    if kind in (torch.nn.SiLU, hf_act.SiLUActivation):
+        return "silu"
+    if kind is torch.nn.ReLU:
+        return "relu"
+    if kind is torch.nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act_fn.approximate)
+    if kind is hf_act.GELUActivation and getattr(act_fn, "act", None) is F.gelu:
+        return "gelu"
+    if kind is hf_act.GELUTanh:
+        act = getattr(act_fn, "act", None)
+        if getattr(act, "func", None) is F.gelu and getattr(act, "keywords", None) == {"approximate": "tanh"}:
+            return "gelu_tanh"
+    return None
+
+
+def _pad_inner(t: torch.Tensor, dim: int, width: int, padded: int, groups: int, interleaved: bool) -> torch.Tensor:
+    """Zero-pad the inner width ``width -> padded`` of ``t`` along ``dim``.
+
+    ``t.shape[dim] == groups * width``: ``groups`` is 2 for a gate/up pair, 1 otherwise.
+    Concatenated layout ``[gate(F) | up(F)]`` pads each half; interleaved ``[g0, u0, g1, ...]``
+    pads whole pairs at the end. Either way gate column ``i`` still meets up column ``i``.
+    """
+    if padded == width:
+        return t
+    dim = dim % t.dim()
+    shape = list(t.shape)
+    split = [width, groups] if interleaved else [groups, width]
+    t = t.reshape(shape[:dim] + split + shape[dim + 1:])
+    inner = dim if interleaved else dim + 1
+    pad = [0, 0] * (t.dim() - 1 - inner) + [0, padded - width]
+    t = F.pad(t, pad)
+    return t.reshape(shape[:dim] + [groups * padded] + shape[dim + 1:])
+
+
+def _expert_of_block_row(padded_bins: torch.Tensor, num_experts: int, block_size: int, block_rows: int) -> torch.Tensor:
+    """``[P/b]`` int64: the expert owning each block row (from the inclusive ``padded_bins``)."""
+    bins = padded_bins[:num_experts].to(torch.int64)
+    counts = torch.diff(bins, prepend=bins.new_zeros(1)) // block_size
+    # output_size avoids a device->host sync on GPU.
+    return torch.repeat_interleave(torch.arange(num_experts, device=bins.device), counts, output_size=block_rows)
+
+
+def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"blocksparse_moe"`` experts forward (same signature as transformers' ``eager``).
+
+    Args:
+        self: an experts module decorated with ``@use_experts_implementation`` (reads its
+            ``num_experts``, ``has_gate``, ``has_bias``, ``is_transposed``,
+            ``is_concatenated``, ``has_post_expert_norm``, ``_is_expert_parallel`` and weights).
+            An optional attribute ``blocksparse_moe_max_block_size`` caps the block size
+            (smaller blocks pad less when few tokens reach each expert).
+        hidden_states: ``[T, H]``.
+        top_k_index: ``[T, k]`` expert ids.
+        top_k_weights: ``[T, k]`` routing weights.
+
+    Returns:
+        ``[T, H]`` in ``hidden_states.dtype``: ``sum_j w[t, j] * expert_{id[t, j]}(x[t])``.
+    """
+    if hidden_states.dim() != 2:
+        raise ValueError(f"blocksparse_moe experts: hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
+    num_tokens, hidden = hidden_states.shape
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != num_tokens:
+        raise ValueError(f"blocksparse_moe experts: top_k_index must be [T={num_tokens}, k], "
+                         f"got {tuple(top_k_index.shape)}")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(f"blocksparse_moe experts: top_k_weights has shape {tuple(top_k_weights.shape)}, "
+                         f"expected {tuple(top_k_index.shape)} like top_k_index")
+    top_k = top_k_index.shape[1]
+    num_experts = int(self.num_experts)
+    has_gate = getattr(self, "has_gate", True)
+    has_bias = getattr(self, "has_bias", False)
+    transposed = getattr(self, "is_transposed", False)
+    default_gate = has_gate and _uses_default_gate(self)
+    # The default gate is chunk(2) whatever the flag says; a custom one follows the flag.
+    interleaved = has_gate and not default_gate and not getattr(self, "is_concatenated", True)
+    groups = 2 if has_gate else 1
+
+    w_in = self.gate_up_proj if has_gate else self.up_proj
+    w_out = self.down_proj
+    if w_in.dim() != 3 or w_in.shape[0] != num_experts:
+        raise ValueError(f"blocksparse_moe experts: {'gate_up_proj' if has_gate else 'up_proj'} has shape "
+                         f"{tuple(w_in.shape)}, expected [{num_experts}, ...]")
+    width = w_in.shape[2] if transposed else w_in.shape[1]
+    if width % groups:
+        raise ValueError(f"blocksparse_moe experts: gate_up_proj has an odd inner width {width}")
+    ffn = width // groups
+    block_size, ffn_padded = pick_block_size(ffn, getattr(self, "blocksparse_moe_max_block_size", 128))
+    dtype = w_in.dtype
+
+    # [E, W, H] views whatever the storage, then the [H, E*W] SDD operand (a view when the
+    # storage is [E, W, H] and nothing is padded; torch copies otherwise).
+    w1 = w_in.transpose(1, 2) if transposed else w_in
+    w1 = _pad_inner(w1, 1, ffn, ffn_padded, groups, interleaved)
+    w1 = w1.permute(2, 0, 1).reshape(hidden, num_experts * groups * ffn_padded)
+    # [E, F, H] views, then the [E*F, H] DSD operand.
+    w2 = w_out if transposed else w_out.transpose(1, 2)
+    w2 = _pad_inner(w2, 1, ffn, ffn_padded, 1, False).reshape(num_experts * ffn_padded, hidden)
+
+    # Expert parallelism: ids of experts on other ranks go to a virtual expert E.
+    ids = top_k_index
+    route_experts = num_experts
+    if getattr(self, "_is_expert_parallel", False):
+        ids = torch.where((ids < 0) | (ids >= num_experts), torch.full_like(ids, num_experts), ids)
+        route_experts = num_experts + 1
+    routing = route(ids.contiguous(), route_experts, block_size)
+    topo_in = make_topology(routing.padded_bins[:num_experts], num_experts, groups * ffn_padded, block_size)
+    topo_hidden = topo_in if not has_gate else make_topology(
+        routing.padded_bins[:num_experts], num_experts, ffn_padded, block_size)
+    rows = topo_in.shape[0]  # P without the virtual expert's rows
+    block_rows = rows // block_size
+
+    x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
+    x_perm = ops.padded_gather(x.contiguous(), routing, top_k)
+    if x_perm.shape[0] != rows:
+        x_perm = x_perm[:rows]  # drop the virtual expert's rows: a contiguous prefix, no copy
+
+    expert_of_block_row: Optional[torch.Tensor] = None
+    if has_bias:
+        expert_of_block_row = _expert_of_block_row(routing.padded_bins, num_experts, block_size, block_rows)
+
+    h = ops.sdd(x_perm, w1, topo_in)
+    fb = ffn_padded // block_size
+    data = h.data.view(block_rows, groups * fb, block_size, block_size)
+    bias1 = None
+    if has_bias:
+        b1 = self.gate_up_proj_bias if has_gate else self.up_proj_bias
+        bias1 = _pad_inner(b1, 1, ffn, ffn_padded, groups, interleaved)[expert_of_block_row]  # [R, W]
+
+    if bias1 is not None:
+        # Block (r, c) holds columns c*b .. c*b+b-1 of its row's expert.
+        data = data + bias1.view(block_rows, groups * fb, 1, block_size)
+    fused = _fused_activation(getattr(self, "act_fn", None)) if (default_gate or not has_gate) else None
+    if not has_gate:
+        if fused is not None:
+            act = ops.sparse_activation(data.reshape(-1, block_size, block_size), fused)
+        else:
+            act = self.act_fn(data)
+    elif default_gate and fused is not None:
+        # act(gate) * up on the packed blocks, gate block c with up block fb + c (no copy).
+        hp = SparseMatrix(topo_in, data.reshape(-1, block_size, block_size), False)
+        act = ops.sparse_glu_packed(hp, fused, topo_hidden).data
+    elif default_gate:
+        act = self.act_fn(data[:, :fb]) * data[:, fb:]
+    else:
+        # A custom gate maps [S, 2F] rows to [S, F] rows: give it exactly the dense rows.
+        # With a padded F it sees only the real columns: it may mix a row's columns (a
+        # softmax over F, a norm), and zero columns would change the real ones.
+        dense = data.transpose(1, 2).reshape(rows, 2 * ffn_padded)
+        if ffn_padded != ffn:
+            dense = dense[:, :2 * ffn] if interleaved else dense.view(rows, 2, ffn_padded)[:, :, :ffn].reshape(rows, -1)
+        gated = self._apply_gate(dense)
+        if tuple(gated.shape) != (rows, ffn):
+            raise ValueError(f"blocksparse_moe experts: _apply_gate returned shape {tuple(gated.shape)}, "
+                             f"expected {(rows, ffn)}")
+        if ffn_padded != ffn:
+            gated = F.pad(gated, (0, ffn_padded - ffn))
+        act = gated.view(block_rows, block_size, fb, block_size).transpose(1, 2)
+    act = act.reshape(block_rows * fb, block_size, block_size).contiguous()
+    y = ops.dsd(SparseMatrix(topo_hidden, act, False), w2)  # [P, H]
+
+    if has_bias:
+        y = y + self.down_proj_bias[expert_of_block_row].repeat_interleave(block_size, 0)
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    if y.shape[0] != routing.padded_tokens:
+        y = F.pad(y, (0, 0, 0, routing.padded_tokens - y.shape[0]))  # the virtual expert's rows: zeros
+    # fp32 router weights stay fp32: the scatter sums in fp32 anyway.
+    weights = top_k_weights if top_k_weights.dtype in (y.dtype, torch.float32) else top_k_weights.to(y.dtype)
+    out = ops.padded_scatter(y, routing, weights, top_k)
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"blocksparse_moe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+    if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION_NAME) is not blocksparse_experts_forward:
+        ExpertsInterface.register(IMPLEMENTATION_NAME, blocksparse_experts_forward)
+
+
+register()
