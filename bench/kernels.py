@@ -31,14 +31,9 @@ e.g. ``kernels-H100.json`` or ``kernels-cpu-Intel-Xeon.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import re
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -50,6 +45,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from blocksparse_moe import backend, ops
+from blocksparse_moe._layer_bench import device_label, time_ms, write_results
 from blocksparse_moe.topology import make_topology
 
 
@@ -74,38 +70,6 @@ CPU_SHAPES = [
     Shape("small-32e-top4", 256, 256, 256, 32, 4, 32),
 ]
 OPS = ("sdd", "dsd", "dsd_t", "dds")
-
-
-# -- timing ----------------------------------------------------------------------------------
-
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
-    runs = []
-    budget = time.perf_counter() + 2.0
-    while len(runs) < 5 or (len(runs) < 30 and time.perf_counter() < budget):
-        t0 = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(runs)
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).replace("NVIDIA", "")
-        return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "cuda"
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1] for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    model = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", " ", model)
-    words = [w for w in re.split(r"[^A-Za-z0-9]+", model) if w][:3]
-    return "cpu-" + ("-".join(words) or "unknown")
 
 
 # -- one shape ---------------------------------------------------------------------------------
@@ -287,13 +251,7 @@ def _run(args, device, dtype, shapes, label, triton_version) -> int:
         for shape in shapes:
             rows += bench_shape(shape, dtype, device)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"kernels-{label}")
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(_markdown(rows, meta))
-    print(f"wrote {base}.json and {base}.md")
+    write_results(args.out_dir, f"kernels-{label}", meta, rows, _markdown(rows, meta))
     return 0
 
 

@@ -23,7 +23,6 @@ Writes ``layer-<device>.json`` and ``.md`` under ``--out-dir`` (default bench/re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
@@ -37,7 +36,7 @@ except ImportError:
 
 from blocksparse_moe import backend, reference
 from blocksparse_moe._layer_bench import (CPU_SHAPES, GPU_SHAPES, LayerShape, build_layer,
-                                          device_label, scaled, time_layer)
+                                          device_label, scaled, time_layer, write_results)
 from blocksparse_moe.moe import DroplessMoE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -184,13 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     meta = dict(device=label, torch=torch.__version__, native=native_status(), quick=bool(args.quick),
                 dtype=str(dtype).replace("torch.", ""))
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"layer-{label}")
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(_markdown(rows, meta))
-    print(f"wrote {base}.json and {base}.md")
+    write_results(args.out_dir, f"layer-{label}", meta, rows, _markdown(rows, meta))
     return 0
 
 

@@ -7,7 +7,9 @@ Nothing here runs at import (no device probing); everything is called by the two
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -95,6 +97,18 @@ def device_label(device: torch.device) -> str:
     model = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", " ", model)
     words = [w for w in re.split(r"[^A-Za-z0-9]+", model) if w][:3]
     return "cpu-" + ("-".join(words) or "unknown")
+
+
+def write_results(out_dir: str, name: str, meta: Dict, rows: List[Dict], markdown: str) -> str:
+    """``<out_dir>/<name>.json`` (meta + rows) and ``.md``; ``name`` carries the device label."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown)
+    print(f"wrote {base}.json and {base}.md")
+    return base
 
 
 def synchronize(device: torch.device) -> None:
