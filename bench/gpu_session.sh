@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU should run, in one call (fits in ~10 minutes on an
+# H100/H200): build _C in place, the -m gpu tests, compute-sanitizer over every CUDA op,
+# the main job and both benchmarks. Logs and results go to $OUT (or bench/results/gpu-run).
+#
+#   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
+#
+# The GPU image has torch, triton, pybind11 and pytest but no package registry, so the
+# build runs without isolation or dependency resolution.
+set -uo pipefail
+out="${OUT:-bench/results/gpu-run}"
+mkdir -p "$out"
+step() { echo; echo "== $* =="; }
+status=0
+
+step build
+python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+grep "blocksparse_moe build:" "$out/build.log"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+python3 -c "import blocksparse_moe, json; print(json.dumps(blocksparse_moe.native_status()))" | tee "$out/native_status.json"
+export BLOCKSPARSE_MOE_REQUIRE_NATIVE=1
+
+step "pytest -m gpu"
+timeout 240 python3 -m pytest tests -q -m gpu -x -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1 || status=1
+tail -5 "$out/pytest-gpu.log"
+
+step compute-sanitizer
+for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ops.py \
+        >"$out/sanitizer-$tool.log" 2>&1 || status=1
+    tail -3 "$out/sanitizer-$tool.log"
+done
+
+step "main job"
+timeout 120 python3 -m blocksparse_moe --json "$out/main.json" 2>/dev/null | tee "$out/main.txt" || status=1
+
+step benchmarks
+timeout 150 python3 bench/kernels.py --out-dir "$out" | tail -20 || status=1
+timeout 150 python3 bench/layer.py --out-dir "$out" | tail -12 || status=1
+echo; echo "gpu_session status $status (logs in $out)"
+exit $status
