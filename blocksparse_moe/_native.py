@@ -23,11 +23,11 @@ from typing import Dict, Optional
 
 import torch
 
+from .routing import ROUTE_FIELDS as _ROUTE_FIELDS
 from .routing import route_torch
 from .topology import Topology, make_topology_torch
 
 _INT32_MAX = 2**31 - 1
-_ROUTE_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
 
 # Lazily loaded state (tests reset it to simulate a missing extension).
 _C: Optional[ModuleType] = None
@@ -63,7 +63,8 @@ def _fallback(cause: str, reason: str, what: str) -> None:
         raise RuntimeError(f"{message}, but BLOCKSPARSE_MOE_REQUIRE_NATIVE is set")
     if cause not in _warned:
         _warned.add(cause)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of route()/make_topology()
+        # stacklevel: the caller of route()/make_topology() (through their custom-op wrappers).
+        warnings.warn(message, RuntimeWarning, stacklevel=7)
 
 
 def _cuda_problem(mod: ModuleType) -> str:

@@ -146,10 +146,13 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
     if weights is not None and tuple(weights.shape) != (tokens, k):
         raise ValueError(f"expert_mlp: weights must be [T, k] = [{tokens}, {k}], got {tuple(weights.shape)}")
 
+    # Every topology gets the routing's P when it is known: no second host read, and under
+    # torch.compile one symbolic P for the whole layer.
     topo_hidden = routing.topology
     if topo_hidden is None or topo_hidden.shape[1] != experts * ffn:
-        topo_hidden = make_topology(routing.padded_bins, experts, ffn, b)
-    topo_in = topo_hidden if groups == 1 else make_topology(routing.padded_bins, experts, groups * ffn, b)
+        topo_hidden = make_topology(routing.padded_bins, experts, ffn, b, padded_tokens=routing.known_padded_tokens)
+    topo_in = topo_hidden if groups == 1 else make_topology(routing.padded_bins, experts, groups * ffn, b,
+                                                            padded_tokens=topo_hidden.shape[0])
 
     x_perm = ops.padded_gather(x, routing, k)  # [P, H], padding rows zero
     h = ops.sdd(x_perm, w1f.t(), topo_in)  # P x E*G*F on the expert blocks only

@@ -3,14 +3,22 @@
 This is the only module that defines ``torch.autograd.Function``s. Each op checks its
 arguments (raising ``ValueError``/``TypeError`` that name the argument), asks ``backend``
 which back end runs it, and calls a launcher in ``kernels/`` or the CPU path.
+
+Every launch goes through a ``blocksparse_moe::`` custom op (``_library.custom_op``), so
+the Functions below trace under ``torch.compile`` without a graph break: Dynamo traces
+their forward and backward, and each launch is one opaque node with a fake implementation.
 """
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch.autograd.function import once_differentiable
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import backend
+from ._library import custom_op
 from .matrix import SparseMatrix
 from .routing import Routing
 from .topology import Topology
@@ -39,28 +47,89 @@ def _topology_meta(topology: Topology):
             topology.column_indices_t, topology.offsets_t, topology.block_offsets_t)
 
 
-def _sdd_impl(a, b, topology, out=None, a_rows=None):
+def _sdd_launch(a, b, *meta_and_block_size, out=None, a_rows=None):
     if backend.select(a) == "cpu":
         from .cpu.products import sdd as impl
     else:
         from .kernels.sdd import sdd as impl
-    return impl(a, b, *_topology_meta(topology), topology.block_size, out=out, a_rows=a_rows)
+    return impl(a, b, *meta_and_block_size, out=out, a_rows=a_rows)
 
 
-def _dsd_impl(data, b, topology, transposed, out=None):
+def _dsd_launch(data, b, *meta_and_transposed, out=None):
     if backend.select(data) == "cpu":
         from .cpu.products import dsd as impl
     else:
         from .kernels.dsd import dsd as impl
-    return impl(data, b, *_topology_meta(topology), transposed, out=out)
+    return impl(data, b, *meta_and_transposed, out=out)
 
 
-def _dds_impl(a, data, topology, transposed, out=None):
+def _dds_launch(a, data, *meta_and_transposed, out=None):
     if backend.select(a) == "cpu":
         from .cpu.products import dds as impl
     else:
         from .kernels.dds import dds as impl
-    return impl(a, data, *_topology_meta(topology), transposed, out=out)
+    return impl(a, data, *meta_and_transposed, out=out)
+
+
+# The products as custom ops: the topology passed as its six tensors, fresh contiguous outputs.
+def _sdd_fake(a, b, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+              block_size):
+    return a.new_empty((row_indices.shape[0], block_size, block_size))
+
+
+@custom_op("sdd", _sdd_fake)
+def _sdd_op(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
+            offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
+            block_offsets_t: torch.Tensor, block_size: int) -> torch.Tensor:
+    return _sdd_launch(a, b, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+                       block_size)
+
+
+def _dsd_fake(data, b, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+              transposed):
+    rows = (offsets_t if transposed else offsets).shape[0] - 1
+    return data.new_empty((rows * data.shape[1], b.shape[1]))
+
+
+@custom_op("dsd", _dsd_fake)
+def _dsd_op(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
+            offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
+            block_offsets_t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return _dsd_launch(data, b, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+                       transposed)
+
+
+def _dds_fake(a, data, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+              transposed):
+    cols = (offsets if transposed else offsets_t).shape[0] - 1
+    return data.new_empty((a.shape[0], cols * data.shape[1]))
+
+
+@custom_op("dds", _dds_fake)
+def _dds_op(a: torch.Tensor, data: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
+            offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
+            block_offsets_t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return _dds_launch(a, data, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
+                       transposed)
+
+
+# ``out=`` / ``a_rows=`` (tests' poisoned buffers, the fused gather) call the launchers directly.
+def _sdd_impl(a, b, topology, out=None, a_rows=None):
+    if out is None and a_rows is None:
+        return _sdd_op(a, b, *_topology_meta(topology), topology.block_size)
+    return _sdd_launch(a, b, *_topology_meta(topology), topology.block_size, out=out, a_rows=a_rows)
+
+
+def _dsd_impl(data, b, topology, transposed, out=None):
+    if out is None:
+        return _dsd_op(data, b, *_topology_meta(topology), transposed)
+    return _dsd_launch(data, b, *_topology_meta(topology), transposed, out=out)
+
+
+def _dds_impl(a, data, topology, transposed, out=None):
+    if out is None:
+        return _dds_op(a, data, *_topology_meta(topology), transposed)
+    return _dds_launch(a, data, *_topology_meta(topology), transposed, out=out)
 
 
 def _check_matrix_arg(op: str, name: str, t) -> None:
@@ -227,26 +296,61 @@ def _permute_impl(t: torch.Tensor):
     return impl
 
 
-def _permute_gather(x, row_slots, top_k, weights=None, out=None):
-    return _permute_impl(x).gather(x, row_slots, top_k, weights, out=out)
+def _gather_fake(x, row_slots, top_k, weights):
+    return x.new_empty((row_slots.shape[0], x.shape[1]))
 
 
-def _permute_scatter(y, rows, top_k, weights=None, out=None):
-    return _permute_impl(y).scatter(y, rows, top_k, weights, out=out)
+@custom_op("gather", _gather_fake)
+def _permute_gather(x: torch.Tensor, row_slots: torch.Tensor, top_k: int,
+                    weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return _permute_impl(x).gather(x, row_slots, top_k, weights)
 
 
-def _permute_scatter_wgrad(dout, y, rows, top_k, out=None):
+def _scatter_fake(y, rows, top_k, weights):
+    return y.new_empty((rows.shape[0] // top_k, y.shape[1]))
+
+
+@custom_op("scatter", _scatter_fake)
+def _permute_scatter(y: torch.Tensor, rows: torch.Tensor, top_k: int,
+                     weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return _permute_impl(y).scatter(y, rows, top_k, weights)
+
+
+def _scatter_wgrad_fake(dout, y, rows, top_k, dtype):
+    return dout.new_empty((dout.shape[0], top_k), dtype=dtype)
+
+
+@custom_op("scatter_wgrad", _scatter_wgrad_fake)
+def _permute_scatter_wgrad(dout: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, top_k: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """``dw [T, k]`` in ``dtype`` (the weights')."""
+    out = torch.empty((dout.shape[0], top_k), dtype=dtype, device=dout.device)
     return _permute_impl(dout).scatter_wgrad(dout, y, rows, top_k, out=out)
 
 
-def _permute_invert_rows(rows, num_rows):
+def _invert_rows_fake(rows, num_rows):
+    return rows.new_empty((num_rows,), dtype=torch.int32)
+
+
+@custom_op("invert_rows", _invert_rows_fake)
+def _permute_invert_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return _permute_impl(rows).invert_rows(rows, num_rows)
+
+
+def _unit_stride_cols(t: torch.Tensor) -> bool:
+    """Whether 2-D ``t`` has unit column stride (or at most one column, where it is moot).
+
+    The width may be an unbacked size under torch.compile: asking ``shape[1] <= 1`` of it
+    would need its value, so the stride is asked first and the width only if it can be
+    decided (a copy otherwise, which is always correct).
+    """
+    return t.stride(1) == 1 or guard_or_false(t.shape[1] <= 1)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     # Incoming gradients can be expanded views (e.g. the grad of .sum()); the kernels
     # need unit stride along H, so those (and only those) are copied.
-    return t if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
+    return t if t.dim() == 2 and _unit_stride_cols(t) else t.contiguous()
 
 
 class _GatherFn(torch.autograd.Function):
@@ -256,13 +360,13 @@ class _GatherFn(torch.autograd.Function):
     def forward(ctx, x, rows, row_slots, top_k):
         ctx.save_for_backward(rows)
         ctx.top_k = top_k
-        return _permute_gather(x, row_slots, top_k)
+        return _permute_gather(x, row_slots, top_k, None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         (rows,) = ctx.saved_tensors
-        return _permute_scatter(_unit_stride(dout), rows, ctx.top_k), None, None, None
+        return _permute_scatter(_unit_stride(dout), rows, ctx.top_k, None), None, None, None
 
 
 class _ScatterFn(torch.autograd.Function):
@@ -292,8 +396,7 @@ class _ScatterFn(torch.autograd.Function):
                 row_slots = _permute_invert_rows(rows, ctx.num_rows)
             dy = _permute_gather(dout, row_slots, ctx.top_k, weights)
         if weights is not None and ctx.needs_input_grad[1]:
-            dw = _permute_scatter_wgrad(dout, y, rows, ctx.top_k,
-                                        out=torch.empty(weights.shape, dtype=weights.dtype, device=weights.device))
+            dw = _permute_scatter_wgrad(dout, y, rows, ctx.top_k, weights.dtype)
         return dy, dw, None, None, None
 
 
@@ -456,14 +559,54 @@ def _activation_impl(t: torch.Tensor):
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D, unit-column-stride view of ``t`` for the launchers (copies only if strided)."""
-    if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1):
+    if t.dim() == 2 and _unit_stride_cols(t):
         return t
     return t.contiguous().view(1, -1)
 
 
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) with unit column stride: incoming gradients are, else one copy."""
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+    return t if _unit_stride_cols(t) else t.contiguous()
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The torch path's elementwise results follow the operands' layout; the ops promise
+    # (and their fakes say) contiguous outputs. A no-op for every layout the ops pass in.
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _glu_forward_fake(gate, up, act):
+    return gate.new_empty(gate.shape)
+
+
+@custom_op("glu_forward", _glu_forward_fake)
+def _glu_forward(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> torch.Tensor:
+    return _contiguous(_activation_impl(gate).glu_forward(gate, up, act))
+
+
+def _glu_backward_fake(dout, gate, up, act):
+    return [gate.new_empty(gate.shape) for _ in range(1 if up is None else 2)]
+
+
+@custom_op("glu_backward", _glu_backward_fake)
+def _glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> List[torch.Tensor]:
+    """``[dgate]`` (``up`` None) or ``[dgate, dup]``."""
+    dgate, dup = _activation_impl(gate).glu_backward(dout, gate, up, act)
+    return [_contiguous(dgate)] if up is None else [_contiguous(dgate), _contiguous(dup)]
+
+
+def _glu_backward_packed_fake(dout, packed, act):
+    return packed.new_empty(packed.shape)
+
+
+@custom_op("glu_backward_packed", _glu_backward_packed_fake)
+def _glu_backward_packed(dout: torch.Tensor, packed: torch.Tensor, act: int) -> torch.Tensor:
+    """The gradient of ``act(packed[:, :L]) * packed[:, L:]`` as one ``[R, 2L]`` buffer."""
+    half = packed.shape[1] // 2
+    grad = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+    _activation_impl(packed).glu_backward(dout, packed[:, :half], packed[:, half:], act,
+                                          dgate=grad[:, :half], dup=grad[:, half:])
+    return grad
 
 
 class _GLUFn(torch.autograd.Function):
@@ -473,14 +616,14 @@ class _GLUFn(torch.autograd.Function):
     def forward(ctx, gate, up, act: int):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return _activation_impl(gate).glu_forward(gate, up, act)
+        return _glu_forward(gate, up, act)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        dgate, dup = _activation_impl(gate).glu_backward(_unit_cols(dout), gate, up, ctx.act)
-        return dgate, dup, None
+        grads = _glu_backward(_unit_cols(dout), gate, up, ctx.act)
+        return grads[0], (grads[1] if up is not None else None), None
 
 
 class _PackedGLUFn(torch.autograd.Function):
@@ -491,17 +634,13 @@ class _PackedGLUFn(torch.autograd.Function):
         ctx.act = act
         ctx.save_for_backward(packed)
         half = packed.shape[1] // 2
-        return _activation_impl(packed).glu_forward(packed[:, :half], packed[:, half:], act)
+        return _glu_forward(packed[:, :half], packed[:, half:], act)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         (packed,) = ctx.saved_tensors
-        half = packed.shape[1] // 2
-        grad = torch.empty_like(packed, memory_format=torch.contiguous_format)
-        _activation_impl(packed).glu_backward(_unit_cols(dout), packed[:, :half], packed[:, half:], ctx.act,
-                                              dgate=grad[:, :half], dup=grad[:, half:])
-        return grad, None
+        return _glu_backward_packed(_unit_cols(dout), packed, ctx.act), None
 
 
 def _check_activation_tensor(op: str, name: str, t) -> None:
@@ -597,9 +736,14 @@ def sparse_glu_packed(h, activation: str, topology: "Topology | None" = None):
                              f"got {to.shape} with {to.nnz} blocks of {to.block_size} on {to.device}")
         _check_activation_tensor(op, "h.data", h.data)
         rows = ti.shape[0] // b
-        if rows == 0:  # no tokens: nothing to compute, keep the graph
+        # No tokens: nothing to compute, keep the graph. Under torch.compile ``rows`` is an
+        # unbacked size and the general path below (which handles 0 rows) is traced instead.
+        if guard_or_false(rows == 0):
             return SparseMatrix(to, h.data[:0] * 0)
-        out = _PackedGLUFn.apply(h.data.contiguous().view(rows, -1), act)
+        # Row width without a -1 (compiled code must not infer it from 0 elements); under
+        # compile nnz is rows * blocks-per-row symbolically and the quotient is exact.
+        width = ti.nnz // rows * b * b
+        out = _PackedGLUFn.apply(h.data.contiguous().view(rows, width), act)
         return SparseMatrix(to, out.view(to.nnz, b, b))
     if topology is not None:
         raise ValueError(f"{op}: topology is only for a SparseMatrix h")

@@ -40,7 +40,26 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._library import custom_op
+
 SCORES = ("softmax", "sigmoid")
+
+
+def _checked_expert_ids_fake(expert_indices, num_experts):
+    return expert_indices.new_empty(expert_indices.shape, dtype=torch.int64)
+
+
+@custom_op("router_expert_ids", _checked_expert_ids_fake)
+def _checked_expert_ids(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Given expert ids as a contiguous int64 copy, once each lies in ``[0, E)``.
+
+    The range check reads the data (a host read): an op, so torch.compile does not trace it.
+    """
+    if expert_indices.numel():
+        lo, hi = int(expert_indices.min()), int(expert_indices.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"Router: expert_indices must lie in [0, {num_experts}), got [{lo}, {hi}]")
+    return expert_indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
 @dataclass
@@ -74,7 +93,10 @@ def load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts
     t, k = indices.shape
     if t == 0:
         return scores.sum() * 0.0  # keeps the graph (and the dtype) for an empty batch
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(scores.dtype)
+    # A bincount whose output size is fixed (bincount's is data-dependent: a graph break
+    # under torch.compile); integer adds, so exact and deterministic.
+    flat = indices.reshape(-1).to(torch.int64)
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat)).to(scores.dtype)
     f = counts / (t * k)
     p = scores / scores.sum(dim=-1, keepdim=True)
     return num_experts * torch.dot(f, p.mean(dim=0))
@@ -184,10 +206,7 @@ class Router(nn.Module):
                 raise ValueError(f"Router: expert_indices must be [{t}, {self.top_k}], got {tuple(expert_indices.shape)}")
             if expert_indices.device != x.device:
                 raise ValueError(f"Router: expert_indices is on {expert_indices.device} but x is on {x.device}")
-            if expert_indices.numel():
-                lo, hi = int(expert_indices.min()), int(expert_indices.max())
-                if lo < 0 or hi >= self.num_experts:
-                    raise ValueError(f"Router: expert_indices must lie in [0, {self.num_experts}), got [{lo}, {hi}]")
+            forced = _checked_expert_ids(expert_indices, self.num_experts)
         if self.training and self.jitter_noise > 0:
             eps = self.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
@@ -205,7 +224,7 @@ class Router(nn.Module):
                 selection = scores if self.expert_bias is None else scores + self.expert_bias
                 indices = torch.topk(selection, self.top_k, dim=-1).indices
         else:
-            indices = expert_indices.to(torch.int64)
+            indices = forced
         weights = torch.gather(scores, 1, indices)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -19,14 +19,16 @@ extension a torch implementation gives the same results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 
+from ._library import custom_op
 from .topology import Topology, check_block_size
 
 _INT32_MAX = 2**31 - 1
+ROUTE_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class Routing:
     top_k: int
     block_size: int
     topology: Optional[Topology] = None
+    # P when it is known without reading padded_bins: the topology's row count, or under
+    # torch.compile the symbolic size route() made (one size that every op of this routing
+    # shares). None: padded_tokens reads padded_bins[-1].
+    known_padded_tokens: Optional[int] = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -51,11 +57,14 @@ class Routing:
 
     @property
     def padded_tokens(self) -> int:
-        """``P``: rows after padding (one host read on a GPU)."""
+        """``P``: rows after padding (one host read on a GPU unless ``known_padded_tokens``)."""
+        if self.known_padded_tokens is not None:
+            return self.known_padded_tokens
         return int(self.padded_bins[-1]) if self.padded_bins.numel() else 0
 
 
 def check_route_args(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> None:
+    """Checks of :func:`route` that read no data (the expert-id range is checked by the op)."""
     if not isinstance(expert_indices, torch.Tensor):
         raise TypeError(f"route: expert_indices must be a tensor, got {type(expert_indices).__name__}")
     if expert_indices.dtype not in (torch.int32, torch.int64):
@@ -78,11 +87,49 @@ def check_route_args(expert_indices: torch.Tensor, num_experts: int, block_size:
     if n + num_experts * (block_size - 1) > _INT32_MAX:
         raise ValueError(f"route: T*k + E*(block_size-1) = {n} + {num_experts}*{block_size - 1} exceeds the int32 "
                          "range of the routing indices")
-    if n:
+
+
+def _route_fake(expert_indices, num_experts, block_size):
+    n = expert_indices.numel()
+    sizes = (n, n, num_experts, num_experts, num_experts, n, n)  # ROUTE_FIELDS order
+    return tuple(expert_indices.new_empty(size, dtype=torch.int32) for size in sizes)
+
+
+@custom_op("route", _route_fake)
+def _route(expert_indices: torch.Tensor, num_experts: int, block_size: int
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing fields in ``ROUTE_FIELDS`` order; checks the expert-id range first.
+
+    The range check reads the data (one host read, a synchronization on CUDA), so it lives
+    here, inside the op, where torch.compile does not trace it.
+    """
+    if expert_indices.numel():
         lo, hi = torch.aminmax(expert_indices)
-        lo, hi = torch.stack([lo, hi]).tolist()  # one host read (a synchronization on CUDA)
+        lo, hi = torch.stack([lo, hi]).tolist()
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"route: expert_indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    from . import _native
+
+    r = _native.route(expert_indices, num_experts, block_size)
+    return tuple(r[name] for name in ROUTE_FIELDS)
+
+
+def _padded_block_rows_fake(padded_bins, block_size):
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+@custom_op("padded_block_rows", _padded_block_rows_fake)
+def padded_block_rows(padded_bins: torch.Tensor, block_size: int) -> int:
+    """``P / block_size`` for ``P = padded_bins[-1]`` (one host read on a GPU).
+
+    Under torch.compile this is an unbacked size; it counts block rows rather than rows so
+    that the compiler knows ``P`` is a multiple of the block size.
+    """
+    p = int(padded_bins[-1]) if padded_bins.numel() else 0
+    if p < 0 or p % block_size:
+        raise ValueError(f"padded_block_rows: padded_bins[-1] = {p} is not a non-negative multiple of "
+                         f"block_size {block_size}")
+    return p // block_size
 
 
 def route(expert_indices: torch.Tensor, num_experts: int, block_size: int, *,
@@ -97,16 +144,19 @@ def route(expert_indices: torch.Tensor, num_experts: int, block_size: int, *,
             topology of the hidden activation.
     """
     check_route_args(expert_indices, num_experts, block_size)
-    from . import _native
-
     top_k = expert_indices.shape[1]
-    r = _native.route(expert_indices, num_experts, block_size)
-    topo = None
+    r = dict(zip(ROUTE_FIELDS, _route(expert_indices, num_experts, block_size)))
+    topo = padded = None
     if ffn_hidden_size is not None:
         from .topology import make_topology
 
         topo = make_topology(r["padded_bins"], num_experts, ffn_hidden_size, block_size)
-    return Routing(num_experts=num_experts, top_k=top_k, block_size=block_size, topology=topo, **r)
+        padded = topo.shape[0]
+    elif torch.compiler.is_compiling():
+        # Reading P would break the graph: make it once, as an unbacked size, here.
+        padded = padded_block_rows(r["padded_bins"], block_size) * block_size
+    return Routing(num_experts=num_experts, top_k=top_k, block_size=block_size, topology=topo,
+                   known_padded_tokens=padded, **r)
 
 
 def route_torch(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> dict:

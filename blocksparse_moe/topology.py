@@ -20,9 +20,11 @@ to expert ``e(r)`` and holds the ``F/b`` blocks of that expert's columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from ._library import custom_op
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -187,7 +189,38 @@ def check_make_topology_args(padded_bins: torch.Tensor, num_experts: int, ffn_hi
         raise ValueError(f"make_topology: padded_bins is on unsupported device {padded_bins.device}")
 
 
-def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int) -> Topology:
+def _topology_fake(padded_bins, num_experts, ffn_hidden_size, block_size, padded_tokens):
+    # make_topology passes P under compile (see there); a direct call without it gets an
+    # unbacked row count (allowed with fullgraph=True).
+    if padded_tokens is None:
+        rows = torch.library.get_ctx().new_dynamic_size()
+    else:
+        rows = padded_tokens // block_size
+    fb = ffn_hidden_size // block_size
+    nnz = rows * fb
+    sizes = (nnz, nnz, rows + 1, nnz, num_experts * fb + 1, nnz)  # _FIELDS order
+    return tuple(padded_bins.new_empty(size, dtype=torch.int32) for size in sizes)
+
+
+@custom_op("topology", _topology_fake)
+def _topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int,
+              padded_tokens: Optional[int]
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The six metadata tensors (``_FIELDS`` order) of :func:`make_topology`'s result.
+
+    ``padded_tokens`` (``P``, or None) gives the fake its sizes; the native build reads and
+    validates ``padded_bins`` itself, and a ``P`` that disagrees with it is an error.
+    """
+    from . import _native  # local: _native imports this module
+
+    topo = _native.make_topology(padded_bins, num_experts, ffn_hidden_size, block_size)
+    if padded_tokens is not None and topo.shape[0] != padded_tokens:
+        raise ValueError(f"make_topology: padded_tokens={padded_tokens} but padded_bins[-1] = {topo.shape[0]}")
+    return tuple(getattr(topo, name) for name in _FIELDS)
+
+
+def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int, *,
+                  padded_tokens: Optional[int] = None) -> Topology:
     """The ``P x (E*F)`` topology of a dropless MoE's hidden activation.
 
     Args:
@@ -196,13 +229,28 @@ def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: 
         num_experts: ``E``.
         ffn_hidden_size: ``F``, each expert's inner width; a multiple of ``block_size``.
         block_size: ``b``, one of 16, 32, 64, 128.
+        padded_tokens: ``P`` when the caller knows it (``Routing.known_padded_tokens``);
+            checked against ``padded_bins``. Under torch.compile ``P`` is a symbolic size,
+            and passing the routing's keeps one ``P`` for all its topologies.
 
     Reads ``P`` back to the host to size the metadata (one synchronisation on a GPU).
     """
     check_make_topology_args(padded_bins, num_experts, ffn_hidden_size, block_size)
-    from . import _native  # local: _native imports this module
+    if padded_tokens is None:
+        if torch.compiler.is_compiling():
+            # P sizes every output: under compile it comes from a scalar op, as an unbacked
+            # size the fake can use (eager mode reads it inside the native build instead).
+            from .routing import padded_block_rows  # local: routing imports this module
 
-    return _native.make_topology(padded_bins, num_experts, ffn_hidden_size, block_size)
+            padded_tokens = padded_block_rows(padded_bins, block_size) * block_size
+    elif isinstance(padded_tokens, bool) or not isinstance(padded_tokens, (int, torch.SymInt)):
+        raise TypeError(f"make_topology: padded_tokens must be an int or None, got {type(padded_tokens).__name__}")
+    elif padded_tokens < 0 or padded_tokens % block_size:
+        raise ValueError(f"make_topology: padded_tokens ({padded_tokens}) must be a non-negative multiple of "
+                         f"block_size ({block_size})")
+    meta = _topology(padded_bins, num_experts, ffn_hidden_size, block_size, padded_tokens)
+    rows = meta[_FIELDS.index("offsets")].numel() - 1
+    return Topology(*meta, shape=(rows * block_size, num_experts * ffn_hidden_size), block_size=block_size)
 
 
 def make_topology_torch(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,

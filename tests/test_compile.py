@@ -1,0 +1,315 @@
+"""torch.compile: every custom op's fake against its implementation, and compiled layers.
+
+* ``torch.library.opcheck`` runs each ``blocksparse_moe::`` op for real and under fake
+  tensors (static and dynamic shapes) and compares shapes, dtypes and strides; the products,
+  permutes and activations on both CPU back ends (torch path, interpreted Triton kernels).
+* ``torch.compile(..., fullgraph=True)`` of ``DroplessMoE`` (GLU and plain MLP, biases,
+  shared expert, block sizes 16 and 32) and of the functional ops gives eager's output and
+  gradients. fullgraph raises on any graph break; a compile counter checks that there is
+  exactly one graph and that a new token count does not recompile (dynamic T).
+* Value checks that read data still raise ``ValueError`` naming the argument when compiled.
+
+Most cases use the ``aot_eager`` backend (AOTAutograd traces forward and backward, no code
+generation); one small case runs the default inductor backend (it compiles C++ on CPU).
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from blocksparse_moe import backend, ops
+from blocksparse_moe.moe import DroplessMoE
+from blocksparse_moe.router import _checked_expert_ids
+from blocksparse_moe.routing import _route, padded_block_rows, route
+from blocksparse_moe.topology import _topology, make_topology
+from product_cases import arbitrary_topology, moe_topology
+from tolerances import assert_close
+
+F32 = torch.float32
+
+# Dynamo's own tracing (not this package) touches torch.jit.script_method.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# -- opcheck: every op's fake matches its implementation --------------------------------------
+
+def _routing_samples():
+    ids = torch.randint(0, 4, (13, 2), generator=_gen(0))
+    r = route(ids, 4, 16)
+    pb = torch.tensor([16, 16, 48], dtype=torch.int32)  # an empty expert in the middle
+    return [
+        pytest.param(_route.op, (ids, 4, 16), id="route-int64"),
+        pytest.param(_route.op, (ids.to(torch.int32), 8, 32), id="route-int32-empty-experts"),
+        pytest.param(_route.op, (ids[:0], 4, 16), id="route-no-tokens"),
+        pytest.param(padded_block_rows.op, (r.padded_bins, 16), id="padded_block_rows"),
+        pytest.param(_topology.op, (pb, 3, 32, 16, 48), id="topology"),
+        pytest.param(_topology.op, (pb.new_zeros(2), 2, 64, 32, 0), id="topology-no-tokens"),
+        pytest.param(_checked_expert_ids.op, (ids.to(torch.int32), 4), id="router_expert_ids"),
+    ]
+
+
+@pytest.mark.parametrize("op, args", _routing_samples())
+def test_opcheck_routing_ops(op, args):
+    torch.library.opcheck(op, args)
+
+
+def _product_samples(device):
+    meta = ops._topology_meta
+    out = {}
+    for name, topo in (("moe", moe_topology([5, 0, 20], 32, 16).to(device)), ("coo", arbitrary_topology().to(device))):
+        (m, n), b = topo.shape, topo.block_size
+        a = torch.randn(m, 24, generator=_gen(1)).to(device)
+        bt = torch.randn(n, 24, generator=_gen(2)).to(device).t()  # a transposed view: strides (1, 24)
+        data = torch.randn(topo.nnz, b, b, generator=_gen(3)).to(device)
+        out.update({
+            f"sdd-{name}": (ops._sdd_op.op, (a, bt, *meta(topo), b)),
+            f"dsd-{name}": (ops._dsd_op.op, (data, torch.randn(n, 20).to(device), *meta(topo), False)),
+            f"dsd-transposed-{name}": (ops._dsd_op.op, (data, torch.randn(m, 20).to(device), *meta(topo), True)),
+            f"dds-{name}": (ops._dds_op.op, (torch.randn(20, m).to(device), data, *meta(topo), False)),
+            f"dds-transposed-{name}": (ops._dds_op.op, (torch.randn(20, n).to(device), data, *meta(topo), True)),
+        })
+    return out
+
+
+def _permute_samples(device):
+    k, h = 2, 24
+    r = route(torch.randint(0, 3, (11, k), generator=_gen(4)).to(device), 3, 16)
+    p = r.padded_tokens
+    x = torch.randn(11, h, generator=_gen(5)).to(device)
+    y = torch.randn(p, h, generator=_gen(6)).to(device)
+    w = torch.rand(11, k, generator=_gen(7)).to(device)
+    row_slots = ops._permute_invert_rows(r.padded_rows, p)
+    return {
+        "invert_rows": (ops._permute_invert_rows.op, (r.padded_rows, p)),
+        "gather": (ops._permute_gather.op, (x, row_slots, k, None)),
+        "gather-weighted": (ops._permute_gather.op, (x, row_slots, k, w)),
+        "scatter": (ops._permute_scatter.op, (y, r.padded_rows, k, None)),
+        "scatter-weighted": (ops._permute_scatter.op, (y, r.padded_rows, k, w)),
+        "scatter_wgrad": (ops._permute_scatter_wgrad.op, (x, y, r.padded_rows, k, F32)),
+    }
+
+
+def _activation_samples(device):
+    packed = torch.randn(3, 2 * 40, generator=_gen(8)).to(device)
+    gate, up = packed[:, :40], packed[:, 40:]  # the packed GLU's halves: row stride 80
+    dout = torch.randn(3, 40, generator=_gen(9)).to(device)
+    return {
+        "glu_forward-silu-strided": (ops._glu_forward.op, (gate, up, 0)),
+        "glu_forward-gelu-no-up": (ops._glu_forward.op, (dout, None, 1)),
+        "glu_backward-gelu_tanh": (ops._glu_backward.op, (dout, gate, up, 2)),
+        "glu_backward-relu-no-up": (ops._glu_backward.op, (dout, gate, None, 3)),
+        "glu_backward_packed": (ops._glu_backward_packed.op, (dout, packed, 0)),
+    }
+
+
+_DATA_OPS = {
+    _product_samples: [f"{op}-{t}" for t in ("moe", "coo")
+                       for op in ("sdd", "dsd", "dsd-transposed", "dds", "dds-transposed")],
+    _permute_samples: ["invert_rows", "gather", "gather-weighted", "scatter", "scatter-weighted", "scatter_wgrad"],
+    _activation_samples: ["glu_forward-silu-strided", "glu_forward-gelu-no-up", "glu_backward-gelu_tanh",
+                          "glu_backward-relu-no-up", "glu_backward_packed"],
+}
+
+
+@pytest.mark.parametrize("family, case", [pytest.param(f, c, id=c) for f, cases in _DATA_OPS.items() for c in cases])
+def test_opcheck_data_ops(path, family, case):
+    op, args = family(path)[case]
+    torch.library.opcheck(op, args)
+
+
+# -- compiled layers ------------------------------------------------------------------------
+
+H = 32
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("load_balancing_coef", 0.01)
+    kw.setdefault("z_loss_coef", 0.001)
+    return DroplessMoE(H, kw.pop("ffn", 32), kw.pop("experts", 4), kw.pop("top_k", 2), **kw)
+
+
+def _step(fn, layer, x, expert_indices=None, dynamic=False):
+    """Forward + backward of ``fn`` (``layer`` or its compiled form); ``(out, aux, grads)``
+    with the gradients of x and of every parameter of ``layer``. ``dynamic``: mark T dynamic."""
+    x = x.detach().requires_grad_(True)
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)
+    out, aux = fn(x, expert_indices)
+    gout = torch.randn(out.shape, generator=_gen(1))
+    ((out * gout).sum() + aux.aux_loss).backward()
+    grads = {"x": x.grad}
+    for name, p in layer.named_parameters():
+        grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), aux, grads
+
+
+def _assert_same(compiled, eager, msg=""):
+    (out_c, aux_c, grads_c), (out_e, aux_e, grads_e) = compiled, eager
+    assert_close(out_c, out_e, F32, "layer", msg=f"{msg} out")
+    for name in ("aux_loss", "load_balancing_loss", "z_loss", "expert_weights", "router_logits"):
+        assert_close(getattr(aux_c, name), getattr(aux_e, name), F32, "layer", msg=f"{msg} aux.{name}")
+    assert torch.equal(aux_c.expert_indices, aux_e.expert_indices), msg
+    assert torch.equal(aux_c.tokens_per_expert, aux_e.tokens_per_expert), msg
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        assert_close(grads_c[name], grads_e[name], F32, "layer", msg=f"{msg} d {name}")
+
+
+LAYERS = [
+    pytest.param(dict(glu=True, bias=True, shared_expert_size=32, shared_expert_gate=True, block_size=16),
+                 id="glu-bias-shared-gate-b16"),
+    pytest.param(dict(glu=False, bias=True, shared_expert_size=16, activation="gelu", block_size=32),
+                 id="mlp-bias-shared-gelu-b32"),
+]
+
+
+@pytest.mark.parametrize("cfg", LAYERS)
+def test_compiled_layer_matches_eager(cfg):
+    with backend.prefer_on_cpu("cpu"):
+        layer = _layer(**cfg)
+        x = torch.randn(37, H, generator=_gen(2))  # not a multiple of a block: padded groups
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(layer, fullgraph=True, backend=counter)
+        _assert_same(_step(compiled, layer, x), _step(layer, layer, x))
+        assert counter.frame_count == 1  # one graph: forward and backward of the whole layer
+
+
+def test_compiled_layer_dynamic_token_count():
+    # T marked dynamic: P and the topology's nnz are unbacked sizes made inside the graph,
+    # so other token counts (and other routings) run the same graph without recompiling.
+    with backend.prefer_on_cpu("cpu"):
+        layer = _layer(glu=True, bias=True, shared_expert_size=16, block_size=16)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(layer, fullgraph=True, backend=counter)
+        for tokens in (24, 53, 5):
+            x = torch.randn(tokens, H, generator=_gen(tokens))
+            compiled_step = _step(compiled, layer, x, dynamic=tokens == 24)  # only the first call marks it
+            _assert_same(compiled_step, _step(layer, layer, x), msg=f"T={tokens}")
+        assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("kind", ["one-expert-takes-all", "zero-tokens"])
+def test_compiled_layer_edge_cases(kind):
+    with backend.prefer_on_cpu("cpu"):
+        layer = _layer(experts=4, top_k=1, glu=True, block_size=16)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        if kind == "zero-tokens":  # no block rows at all (P = 0)
+            x, ids = torch.randn(0, H), None
+        else:  # three experts without a token
+            x, ids = torch.randn(21, H, generator=_gen(3)), torch.full((21, 1), 2)
+        _assert_same(_step(compiled, layer, x, ids), _step(layer, layer, x, ids), msg=kind)
+
+
+def test_compiled_layer_inductor():
+    # The default backend: Inductor generates C++ for the torch ops around the custom ops.
+    with backend.prefer_on_cpu("cpu"):
+        layer = _layer(experts=4, top_k=2, glu=True, bias=True, shared_expert_size=16, block_size=16)
+        x = torch.randn(19, H, generator=_gen(4))
+        compiled = torch.compile(layer, fullgraph=True)
+        _assert_same(_step(compiled, layer, x), _step(layer, layer, x))
+
+
+def test_compiled_layer_without_fullgraph():
+    # Plain torch.compile breaks the graph where the data-dependent P is made (unless
+    # capture_dynamic_output_shape_ops is set); the pieces still give eager's results.
+    with backend.prefer_on_cpu("cpu"):
+        layer = _layer(glu=False, block_size=16)
+        x = torch.randn(30, H, generator=_gen(5))
+        _assert_same(_step(torch.compile(layer, backend="aot_eager"), layer, x), _step(layer, layer, x))
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+
+
+def test_compiled_layer_checks_expert_ids():
+    layer = _layer(block_size=16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    ids = torch.zeros(8, 2, dtype=torch.long)
+    ids[3, 1] = 4
+    with pytest.raises(ValueError, match=r"Router: expert_indices must lie in \[0, 4\), got \[0, 4\]"):
+        compiled(torch.randn(8, H), ids)
+
+
+# -- compiled functional ops ----------------------------------------------------------------
+
+E, K_TOP, F_FFN, B = 3, 2, 32, 16
+
+
+def _pipeline(x, ids, w1, w2, weights):
+    """route + padded_gather + sdd + activation + dsd + dds + padded_scatter, one function."""
+    r = route(ids, E, B, ffn_hidden_size=F_FFN)
+    xp = ops.padded_gather(x, r, K_TOP)
+    h = ops.sparse_activation(ops.sdd(xp, w1, r.topology), "gelu")
+    y = ops.dsd(h, w2)
+    side = ops.dds(xp.t(), h)  # [H, E*F]: the transposed-metadata product
+    return ops.padded_scatter(y, r, weights, K_TOP), side
+
+
+def _unpadded(x, ids, weights):
+    """route without a topology: P comes from the padded_block_rows op under compile."""
+    r = route(ids, E, B)
+    out = ops.padded_scatter(ops.padded_gather(x, r, K_TOP) * 2, r, weights, K_TOP)
+    return out + ops.scatter(ops.gather(x, r, K_TOP), r, None, K_TOP)
+
+
+def _functional_inputs(device, tokens=13):
+    g = _gen(6)
+    x = torch.randn(tokens, 16, generator=g)
+    ids = torch.randint(0, E, (tokens, K_TOP), generator=g)
+    w1 = torch.randn(16, E * F_FFN, generator=g) / 4
+    w2 = torch.randn(E * F_FFN, 16, generator=g) / 8
+    weights = torch.rand(tokens, K_TOP, generator=g)
+    return [t.to(device) for t in (x, ids, w1, w2, weights)]
+
+
+def _value_and_grads(fn, inputs):
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o * torch.randn(o.shape, generator=_gen(i)).to(o.device)).sum() for i, o in enumerate(outs))
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in leaves if t.is_floating_point()]
+
+
+@pytest.mark.parametrize("fn", [_pipeline, _unpadded], ids=["products", "permutes-no-topology"])
+def test_compiled_functional_ops(path, fn):
+    inputs = _functional_inputs(path)
+    if fn is _unpadded:
+        inputs = [inputs[0], inputs[1], inputs[4]]
+    counter = CompileCounterWithBackend("aot_eager")
+    outs_c, grads_c = _value_and_grads(torch.compile(fn, fullgraph=True, backend=counter), inputs)
+    outs_e, grads_e = _value_and_grads(fn, inputs)
+    assert counter.frame_count == 1
+    for a, b in zip(outs_c + grads_c, outs_e + grads_e):
+        assert_close(a, b, F32, "layer")
+
+
+def test_compiled_route_checks_expert_ids():
+    compiled = torch.compile(lambda ids: route(ids, 4, 16).tokens_per_expert, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(torch.tensor([[0, 3], [3, 1]])), torch.tensor([1, 1, 0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"route: expert_indices must lie in \[0, 4\), got values in \[-1, 3\]"):
+        compiled(torch.tensor([[0, 3], [-1, 1]]))
+
+
+def test_make_topology_takes_a_known_padded_tokens():
+    r = route(torch.tensor([[0], [0], [2]]), 3, 16)
+    topo = make_topology(r.padded_bins, 3, 32, 16, padded_tokens=32)
+    assert topo.shape == (32, 96) and topo.nnz == 4
+    with pytest.raises(ValueError, match=r"padded_tokens=48 but padded_bins\[-1\] = 32"):
+        make_topology(r.padded_bins, 3, 32, 16, padded_tokens=48)
+    with pytest.raises(ValueError, match="must be a non-negative multiple of block_size"):
+        make_topology(r.padded_bins, 3, 32, 16, padded_tokens=20)
