@@ -19,13 +19,14 @@ Weight layout (``E`` experts, hidden ``H``, expert width ``F``, ``G = 2`` for a 
     b1  [E, G*F]      optional, added to the SDD blocks (gate and up halves like ``w1``).
     b2  [E, H]        optional, added to each expert's output (before the top-k weighting).
 
-Why this layout: both products read the weights in place, with no copy per call. The SDD's
-right operand is ``w1.view(E*G*F, H).t()`` (a ``[H, E*G*F]`` view with strides ``(1, H)``),
-whose block columns ``e*G*F/b ..`` belong to expert ``e``; the DSD's right operand is
-``w2.view(E*F, H)`` (contiguous). A GLU uses ONE SDD over the packed ``[gate | up]`` weight:
-in the ``P x E*2F`` result each block row holds its expert's ``F/b`` gate blocks followed by
-its ``F/b`` up blocks, so ``ops.sparse_glu_packed`` reads both halves through strides and
-writes the ``P x E*F`` hidden matrix the DSD consumes.
+Why this layout: each expert's matrices are ``nn.Linear`` weights, and both products read
+them in place, with no copy per call, as grouped operands (``_grouped.py``): the SDD's right
+operand ``[H, E*G*F]`` is the stack ``w1.transpose(1, 2)`` (block columns ``e*G*F/b ..``
+belong to expert ``e``), the DSD's ``[E*F, H]`` is the stack ``w2``; any strides work. A
+GLU uses ONE SDD over the packed ``[gate | up]`` weight: in the ``P x E*2F`` result each
+block row holds its expert's ``F/b`` gate blocks followed by its ``F/b`` up blocks, so
+``ops.sparse_glu_packed`` reads both halves through strides and writes the ``P x E*F``
+hidden matrix the DSD consumes.
 
 :func:`expert_mlp` is the same pipeline as a function of a given :class:`Routing` and weights
 (for integrations that own their router and parameters).
@@ -72,16 +73,9 @@ class MoEAux:
     expert_weights: torch.Tensor
 
 
-def _flat_weight(w: torch.Tensor, name: str, shape: Tuple[int, int, int]) -> torch.Tensor:
-    """``w [E, R, H]`` as ``[E*R, H]`` without a copy (a view needs uniform row strides)."""
+def _check_weight(w: torch.Tensor, name: str, shape: Tuple[int, int, int]) -> None:
     if tuple(w.shape) != shape:
         raise ValueError(f"expert_mlp: {name} must be {list(shape)}, got {list(w.shape)}")
-    try:
-        return w.view(shape[0] * shape[1], shape[2])
-    except RuntimeError:
-        raise ValueError(f"expert_mlp: {name} [E, R, H] must be viewable as [E*R, H] without a copy "
-                         f"(rows evenly strided across experts); got strides {w.stride()}. "
-                         f"Pass {name}.contiguous().") from None
 
 
 def _add_column_bias(s: SparseMatrix, bias: torch.Tensor) -> SparseMatrix:
@@ -134,8 +128,8 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
         raise ValueError(f"expert_mlp: routing has {routing.num_tokens} tokens but x has {tokens} rows")
     if ffn % b:
         raise ValueError(f"expert_mlp: ffn_hidden_size {ffn} must be a multiple of the block size {b}")
-    w1f = _flat_weight(w1, "w1", (experts, groups * ffn, hidden))
-    w2f = _flat_weight(w2, "w2", (experts, ffn, hidden))
+    _check_weight(w1, "w1", (experts, groups * ffn, hidden))
+    _check_weight(w2, "w2", (experts, ffn, hidden))
     for name, t, shape in (("b1", b1, (experts, groups * ffn)), ("b2", b2, (experts, hidden))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"expert_mlp: {name} must be {list(shape)}, got {list(t.shape)}")
@@ -155,14 +149,16 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
                                                             padded_tokens=topo_hidden.shape[0])
 
     x_perm = ops.padded_gather(x, routing, k)  # [P, H], padding rows zero
-    h = ops.sdd(x_perm, w1f.t(), topo_in)  # P x E*G*F on the expert blocks only
+    # The weights are grouped operands (any strides, read in place): w1^T [E, H, G*F] is the
+    # SDD's b grouped along its columns, w2 [E, F, H] the DSD's b grouped along its rows.
+    h = ops.sdd(x_perm, w1.transpose(1, 2), topo_in)  # P x E*G*F on the expert blocks only
     if b1 is not None:
         h = _add_column_bias(h, b1.reshape(-1))
     if glu:
         a = ops.sparse_glu_packed(h, activation, topo_hidden)
     else:
         a = ops.sparse_activation(h, activation)
-    y = ops.dsd(a, w2f)  # [P, H]
+    y = ops.dsd(a, w2)  # [P, H]
     out = ops.padded_scatter(y, routing, weights, k)
     if b2 is not None:
         # Each slot's expert output bias, weighted like the expert output itself.

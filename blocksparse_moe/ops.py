@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from . import backend
+from . import _grouped, backend
 from ._library import custom_op
 from .matrix import SparseMatrix
 from .routing import Routing
@@ -36,6 +36,13 @@ from .topology import Topology
 # Transposes of dense operands are views: the kernels and the CPU path take strides.
 # Index ranges of the topology are not re-validated per call (that would synchronise a
 # GPU): Topology's constructors (make_topology, from_block_coo) build them in range.
+#
+# Grouped dense operands (``_grouped.py``): sdd's b may be ``[G, K, C]`` (B = the columns
+# of b[0], .., b[G-1] side by side) and dsd's b ``[G, R, N]`` (B = their rows stacked), so
+# an expert weight stack is read in place whatever its layout. ``transpose(-2, -1)`` turns
+# one kind into the other, so the backward formulas above hold unchanged; gradients of a
+# grouped b come back in its 3-D shape (views of the 2-D product results).
+
 
 
 _PRODUCT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +55,9 @@ def _topology_meta(topology: Topology):
 
 
 def _sdd_launch(a, b, *meta_and_block_size, out=None, a_rows=None):
-    if backend.select(a) == "cpu":
+    if backend.select(a) == "cpu" and b.dim() == 3:
+        from .cpu.grouped import sdd as impl
+    elif backend.select(a) == "cpu":
         from .cpu.products import sdd as impl
     else:
         from .kernels.sdd import sdd as impl
@@ -56,7 +65,9 @@ def _sdd_launch(a, b, *meta_and_block_size, out=None, a_rows=None):
 
 
 def _dsd_launch(data, b, *meta_and_transposed, out=None):
-    if backend.select(data) == "cpu":
+    if backend.select(data) == "cpu" and b.dim() == 3:
+        from .cpu.grouped import dsd as impl
+    elif backend.select(data) == "cpu":
         from .cpu.products import dsd as impl
     else:
         from .kernels.dsd import dsd as impl
@@ -88,7 +99,7 @@ def _sdd_op(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_
 def _dsd_fake(data, b, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
               transposed):
     rows = (offsets_t if transposed else offsets).shape[0] - 1
-    return data.new_empty((rows * data.shape[1], b.shape[1]))
+    return data.new_empty((rows * data.shape[1], b.shape[-1]))  # b [K, N] or grouped [G, R, N]
 
 
 @custom_op("dsd", _dsd_fake)
@@ -132,11 +143,22 @@ def _dds_impl(a, data, topology, transposed, out=None):
     return _dds_launch(a, data, *_topology_meta(topology), transposed, out=out)
 
 
-def _check_matrix_arg(op: str, name: str, t) -> None:
+def _check_matrix_arg(op: str, name: str, t, grouped: str = "") -> None:
+    """``t`` is a 2-D tensor, or with ``grouped`` (its 3-D shape, e.g. "[G, K, C]") 3-D too."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 2:
+    if grouped and t.dim() not in (2, 3):
+        raise ValueError(f"{op}: {name} must be 2-D or grouped 3-D {grouped}, got shape {tuple(t.shape)}")
+    if not grouped and t.dim() != 2:
         raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def _check_group_size(op: str, b: torch.Tensor, dim: int, block_size: int) -> None:
+    """A grouped operand's grouped size must be a multiple of the block size."""
+    if b.dim() == 3 and b.shape[dim] % block_size:
+        name = "C" if dim == 2 else "R"
+        raise ValueError(f"{op}: grouped b has shape {tuple(b.shape)}; its {name} = {b.shape[dim]} must be a "
+                         f"multiple of the block size {block_size}")
 
 
 def _check_sparse_arg(op: str, name: str, s) -> None:
@@ -180,8 +202,12 @@ class _SddFn(torch.autograd.Function):
     def backward(ctx, ddata):
         a, b = ctx.saved_tensors
         topo = ctx.topology
-        da = _dsd_impl(ddata, b.t(), topo, False) if ctx.needs_input_grad[0] else None
-        db = _dds_impl(a.t(), ddata, topo, False) if ctx.needs_input_grad[1] else None
+        # b.transpose(-2, -1): b.t(), or for a grouped [G, K, C] b the [G, C, K] operand
+        # grouped along DSD's K (B^T stacks the transposed groups).
+        da = _dsd_impl(ddata, b.transpose(-2, -1), topo, False) if ctx.needs_input_grad[0] else None
+        db = None
+        if ctx.needs_input_grad[1]:
+            db = _grouped.flat_grad(_dds_impl(a.t(), ddata, topo, False), b, "cols")
         return da, db, None
 
 
@@ -199,9 +225,15 @@ class _DsdFn(torch.autograd.Function):
         topo, transposed = ctx.topology, ctx.transposed
         ddata = db = None
         if ctx.needs_input_grad[0]:
-            ddata = _sdd_impl(b, dout.t(), topo) if transposed else _sdd_impl(dout, b.t(), topo)
+            if transposed:
+                # b is SDD's left operand here, which is never grouped: its rows stacked
+                # (a view when the layout allows, else one copy in backward).
+                rows = b if b.dim() == 2 else b.reshape(b.shape[0] * b.shape[1], b.shape[2])
+                ddata = _sdd_impl(rows, dout.t(), topo)
+            else:
+                ddata = _sdd_impl(dout, b.transpose(-2, -1), topo)  # grouped [G, N, R] along SDD's N
         if ctx.needs_input_grad[1]:
-            db = _dsd_impl(data, dout, topo, not transposed)
+            db = _grouped.flat_grad(_dsd_impl(data, dout, topo, not transposed), b, "rows")
         return ddata, db, None, None
 
 
@@ -230,15 +262,22 @@ def sdd(a: torch.Tensor, b: torch.Tensor, topology: Topology) -> SparseMatrix:
 
     ``a [M, K]``, ``b [K, N]`` with ``(M, N) == topology.shape``; fp32/fp16/bf16 (and fp64 on
     the CPU path), accumulated in fp32. Differentiable in ``a`` and ``b``. Any strides.
+
+    ``b`` may be *grouped*: ``[G, K, C]`` standing for the ``[K, G*C]`` operand whose columns
+    ``g*C .. g*C + C - 1`` are ``b[g]`` (``B[k, g*C + c] = b[g, k, c]``), e.g. an expert weight
+    stack ``[E, H, W]``; ``C`` must be a multiple of the block size. It is read through its
+    three strides, never copied, and its gradient has its 3-D shape.
     """
     _check_matrix_arg("sdd", "a", a)
-    _check_matrix_arg("sdd", "b", b)
+    _check_matrix_arg("sdd", "b", b, grouped="[G, K, C]")
     if not isinstance(topology, Topology):
         raise TypeError(f"sdd: topology must be a Topology, got {type(topology).__name__}")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"sdd: a has {a.shape[1]} columns but b has {b.shape[0]} rows")
-    if (a.shape[0], b.shape[1]) != tuple(topology.shape):
-        raise ValueError(f"sdd: a @ b would be {a.shape[0]}x{b.shape[1]} but the topology is "
+    k_b, n_b = _grouped.flat_shape(b, "cols")
+    if a.shape[1] != k_b:
+        raise ValueError(f"sdd: a has {a.shape[1]} columns but b has {k_b} rows")
+    _check_group_size("sdd", b, 2, topology.block_size)
+    if (a.shape[0], n_b) != tuple(topology.shape):
+        raise ValueError(f"sdd: a @ b would be {a.shape[0]}x{n_b} but the topology is "
                          f"{topology.shape[0]}x{topology.shape[1]} (a {tuple(a.shape)}, b {tuple(b.shape)})")
     if topology.device != a.device:
         raise ValueError(f"sdd: a is on {a.device} but the topology is on {topology.device}")
@@ -251,12 +290,21 @@ def dsd(s: SparseMatrix, b: torch.Tensor) -> torch.Tensor:
 
     Returns a dense ``[M, N]``; rows of empty block rows are zero. Differentiable in
     ``s.data`` and ``b``.
+
+    ``b`` may be *grouped*: ``[G, R, N]`` standing for the ``[G*R, N]`` operand whose rows
+    ``g*R .. g*R + R - 1`` are ``b[g]`` (``B[g*R + r, n] = b[g, r, n]``), e.g. an expert weight
+    stack ``[E, F, H]`` in any layout; ``R`` must be a multiple of the block size. It is read
+    through its three strides, never copied, and its gradient has its 3-D shape. (The
+    gradient of ``s.data`` for a transposed ``s`` reads ``b`` as ``[G*R, N]``: a view when
+    the strides allow, else one copy in backward.)
     """
     _check_sparse_arg("dsd", "s", s)
-    _check_matrix_arg("dsd", "b", b)
-    if s.shape[1] != b.shape[0]:
-        raise ValueError(f"dsd: s has {s.shape[1]} columns (shape {s.shape}) but b has {b.shape[0]} rows "
+    _check_matrix_arg("dsd", "b", b, grouped="[G, R, N]")
+    k_b, _ = _grouped.flat_shape(b, "rows")
+    if s.shape[1] != k_b:
+        raise ValueError(f"dsd: s has {s.shape[1]} columns (shape {s.shape}) but b has {k_b} rows "
                          f"(shape {tuple(b.shape)})")
+    _check_group_size("dsd", b, 1, s.block_size)
     _check_dtype_device("dsd", (("s.data", s.data), ("b", b)))
     return _DsdFn.apply(s.data, b, s.topology, s.transposed)
 

@@ -87,3 +87,34 @@ def dense_blocks(dense: torch.Tensor, topo: Topology) -> torch.Tensor:
     m, n = topo.shape
     tiles = dense.reshape(m // b, b, n // b, b).permute(0, 2, 1, 3)
     return tiles[topo.row_indices.long(), topo.column_indices.long()]
+
+
+# Grouped dense operands (blocksparse_moe/_grouped.py): a 3-D stack w standing for the 2-D
+# operand B = torch.cat(list(w), dim) -- dim 1 (columns) for SDD's b, dim 0 (rows) for DSD's.
+# Two storage layouts per kind: one where B is also a strided 2-D view of the storage, and
+# the one where it is not (the layouts that used to be copied per call).
+GROUPED_LAYOUTS = ["contiguous", "transposed-storage"]
+
+
+def grouped(B: torch.Tensor, along: str, group: int, layout: str) -> torch.Tensor:
+    """The 3-D grouped operand (``group`` columns/rows per group) holding ``B``'s values.
+
+    ``along="cols"``: ``w [G, K, group]`` with ``w[g, k, c] = B[k, g*group + c]``;
+    ``along="rows"``: ``w [G, group, N]`` with ``w[g, r, n] = B[g*group + r, n]``.
+    ``layout="contiguous"``: w is contiguous; ``"transposed-storage"``: w is the
+    ``transpose(1, 2)`` view of a contiguous ``[G, last, middle]`` tensor (transformers'
+    ``[E, H, F]`` down_proj read as ``[E, F, H]``).
+    """
+    if along == "cols":
+        k, n = B.shape
+        w = B.reshape(k, n // group, group).permute(1, 0, 2)
+    else:
+        n_rows, n = B.shape
+        w = B.reshape(n_rows // group, group, n)
+    if layout == "contiguous":
+        w = w.contiguous()
+    else:
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    if w.shape[0]:  # no groups at all (an empty B): nothing to concatenate
+        assert torch.equal(torch.cat(list(w), dim=1 if along == "cols" else 0), B)
+    return w

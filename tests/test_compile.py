@@ -73,6 +73,16 @@ def _product_samples(device):
         a = torch.randn(m, 24, generator=_gen(1)).to(device)
         bt = torch.randn(n, 24, generator=_gen(2)).to(device).t()  # a transposed view: strides (1, 24)
         data = torch.randn(topo.nnz, b, b, generator=_gen(3)).to(device)
+        # Grouped operands (an expert weight stack read in place): sdd's b [G, K, C] as the
+        # transpose of a contiguous [G, C, K]; dsd's b [G, R, N] likewise, for S and S^T.
+        gb = torch.randn(n // b, b, 24, generator=_gen(10)).to(device).transpose(1, 2)
+        gd = torch.randn(n // b, 20, b, generator=_gen(11)).to(device).transpose(1, 2)
+        gdt = torch.randn(m // b, 20, b, generator=_gen(12)).to(device).transpose(1, 2)
+        out.update({
+            f"sdd-grouped-{name}": (ops._sdd_op.op, (a, gb, *meta(topo), b)),
+            f"dsd-grouped-{name}": (ops._dsd_op.op, (data, gd, *meta(topo), False)),
+            f"dsd-grouped-transposed-{name}": (ops._dsd_op.op, (data, gdt, *meta(topo), True)),
+        })
         out.update({
             f"sdd-{name}": (ops._sdd_op.op, (a, bt, *meta(topo), b)),
             f"dsd-{name}": (ops._dsd_op.op, (data, torch.randn(n, 20).to(device), *meta(topo), False)),
@@ -116,7 +126,8 @@ def _activation_samples(device):
 
 _DATA_OPS = {
     _product_samples: [f"{op}-{t}" for t in ("moe", "coo")
-                       for op in ("sdd", "dsd", "dsd-transposed", "dds", "dds-transposed")],
+                       for op in ("sdd", "dsd", "dsd-transposed", "dds", "dds-transposed",
+                                  "sdd-grouped", "dsd-grouped", "dsd-grouped-transposed")],
     _permute_samples: ["invert_rows", "gather", "gather-weighted", "scatter", "scatter-weighted", "scatter_wgrad"],
     _activation_samples: ["glu_forward-silu-strided", "glu_forward-gelu-no-up", "glu_backward-gelu_tanh",
                           "glu_backward-relu-no-up", "glu_backward_packed"],
@@ -259,6 +270,13 @@ def _pipeline(x, ids, w1, w2, weights):
     return ops.padded_scatter(y, r, weights, K_TOP), side
 
 
+def _pipeline_grouped(x, ids, w1, w2, weights):
+    """``_pipeline`` on expert weight stacks read in place (grouped operands): ``w1 [E, H, F]``
+    is the SDD's b grouped along N, ``w2 [E, H, F]`` (transformers' down_proj layout) is
+    read as ``[E, F, H]``, the DSD's b grouped along K (no 2-D view of it exists)."""
+    return _pipeline(x, ids, w1, w2.transpose(1, 2), weights)
+
+
 def _unpadded(x, ids, weights):
     """route without a topology: P comes from the padded_block_rows op under compile."""
     r = route(ids, E, B)
@@ -285,11 +303,16 @@ def _value_and_grads(fn, inputs):
     return [o.detach() for o in outs], [t.grad for t in leaves if t.is_floating_point()]
 
 
-@pytest.mark.parametrize("fn", [_pipeline, _unpadded], ids=["products", "permutes-no-topology"])
+@pytest.mark.parametrize("fn", [_pipeline, _pipeline_grouped, _unpadded],
+                         ids=["products", "products-grouped-weights", "permutes-no-topology"])
 def test_compiled_functional_ops(path, fn):
     inputs = _functional_inputs(path)
     if fn is _unpadded:
         inputs = [inputs[0], inputs[1], inputs[4]]
+    if fn is _pipeline_grouped:  # the same values as expert stacks [E, H, F], contiguous
+        w1, w2 = inputs[2], inputs[3]
+        inputs[2] = w1.view(16, E, F_FFN).transpose(0, 1).contiguous()
+        inputs[3] = w2.view(E, F_FFN, 16).transpose(1, 2).contiguous()
     counter = CompileCounterWithBackend("aot_eager")
     outs_c, grads_c = _value_and_grads(torch.compile(fn, fullgraph=True, backend=counter), inputs)
     outs_e, grads_e = _value_and_grads(fn, inputs)

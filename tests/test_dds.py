@@ -7,7 +7,7 @@ import torch
 from blocksparse_moe import backend, ops
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.matrix import SparseMatrix
-from product_cases import case_params, moe_topology, randn, sparse_scale, topology
+from product_cases import GROUPED_LAYOUTS, case_params, grouped, moe_topology, randn, sparse_scale, topology
 from tolerances import assert_close, poisoned
 
 M = 40  # rows of the dense operand: not a multiple of the 32-wide tile, the mask is exercised
@@ -140,6 +140,40 @@ def test_dds_rejects_bad_arguments(path):
         ops.dds(a.half(), s)
     with pytest.raises(ValueError, match="dds: a is on meta but s.data is on cpu"):
         ops.dds(a.to("meta"), SparseMatrix(topo.to("cpu"), s.data.cpu()))
+
+
+# -- grouped weights: dds has no grouped operand (its dense operand is an activation), but it
+# computes the weight gradient of an SDD whose b is grouped, dW = dds(x^T, dH) viewed [G, K, C].
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dds_weight_gradients_of_grouped_expert_mlp(path, dtype, layout):
+    # x -> sdd(x, W1 [E, H, F]) -> relu on the blocks -> dsd(., W2 [E, F, H]): every backward
+    # product (dsd with W1^T grouped along K, dds for dW1, sdd with W2^T grouped along N,
+    # dsd with S^T for dW2) against the dense float64 chain.
+    topo = moe_topology([5, 0, 20], 32, 16).to(path)
+    (p, n), h = topo.shape, 24
+    x = randn((p, h), dtype, path, seed=1).requires_grad_(True)
+    w1 = grouped(randn((h, n), dtype, path, scale=h ** -0.5, seed=2), "cols", 32, layout).requires_grad_(True)
+    w2 = grouped(randn((n, h), dtype, path, scale=32 ** -0.5, seed=3), "rows", 32, layout).requires_grad_(True)
+    act = ops.sdd(x, w1, topo)
+    y = ops.dsd(act.with_data(torch.relu(act.data)), w2)
+    dy = randn(y.shape, dtype, path, seed=4)
+    dx, dw1, dw2 = torch.autograd.grad(y, (x, w1, w2), dy)
+    assert dw1.shape == w1.shape and dw2.shape == w2.shape
+
+    x64, w164, w264 = (t.detach().double().requires_grad_(True) for t in (x, w1, w2))
+    hid = torch.relu((x64 @ torch.cat(list(w164), dim=1)) * topo.to_dense_mask())
+    refs = torch.autograd.grad(hid @ torch.cat(list(w264), dim=0), (x64, w164, w264), dy.double())
+    for name, got, ref in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), refs):
+        assert_close(got, ref, dtype, "layer", msg=f"grouped expert mlp {name}")  # rounded hidden blocks
+
+
+def test_dds_rejects_grouped_operand(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)
+    a, s = _operands(topo, False, torch.float32, path)
+    with pytest.raises(ValueError, match=r"dds: a must be 2-D, got shape \(2, 40, 24\)"):
+        ops.dds(a.reshape(40, 2, 24).transpose(0, 1), s)
 
 
 @pytest.mark.gpu

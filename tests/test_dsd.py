@@ -7,7 +7,7 @@ import torch
 from blocksparse_moe import backend, ops
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.matrix import SparseMatrix
-from product_cases import case_params, moe_topology, randn, sparse_scale, topology
+from product_cases import GROUPED_LAYOUTS, case_params, grouped, moe_topology, randn, sparse_scale, topology
 from tolerances import assert_close, poisoned
 
 N = 40  # not a multiple of the 32-wide N tile: the N mask is exercised
@@ -139,7 +139,7 @@ def test_dsd_rejects_bad_arguments(path):
     s, b = _operands(topo, False, torch.float32, path)
     with pytest.raises(TypeError, match="dsd: s must be a SparseMatrix, got Tensor"):
         ops.dsd(s.to_dense(), b)
-    with pytest.raises(ValueError, match=r"dsd: b must be 2-D, got shape \(96,\)"):
+    with pytest.raises(ValueError, match=r"dsd: b must be 2-D or grouped 3-D \[G, R, N\], got shape \(96,\)"):
         ops.dsd(s, b[:, 0])
     with pytest.raises(ValueError, match=r"dsd: s has 96 columns \(shape \(48, 96\)\) but b has 48 rows"):
         ops.dsd(s, b[:48])
@@ -153,6 +153,107 @@ def test_dsd_rejects_bad_arguments(path):
     bad.data = s.data[:, :8, :8]  # data swapped behind the constructor's back: block size 8 != 16
     with pytest.raises(ValueError, match=r"dsd: s.data has shape \(6, 8, 8\) but its topology needs \(nnz=6, 16, 16\)"):
         ops.dsd(bad, b)
+
+
+# -- grouped b: [G, R, N] standing for B [G*R, N], B[g*R + r, n] = b[g, r, n] ----------------
+# (case, R) with R dividing the rows of B for both S (K = 96 / 128 / 80) and S^T (K = 48 /
+# 128 / 64): groups that are block rows, several blocks, straddling experts' columns.
+GROUPED_CASES = [
+    pytest.param("moe-ragged-empty-expert-b16", 16, id="one-block-groups-b16"),
+    pytest.param("moe-ragged-empty-expert-b16", 48, id="groups-straddle-experts-b16"),
+    pytest.param("moe-b64", 64, id="b64"),
+    pytest.param("coo-arbitrary-b16", 16, id="coo-arbitrary-b16"),
+]
+
+
+def _grouped_k(topo, transposed, group):
+    k = topo.shape[0] if transposed else topo.shape[1]
+    return group if k % group == 0 else topo.block_size
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case,group", GROUPED_CASES)
+def test_dsd_grouped_b_matches_dense(path, case, group, transposed, layout):
+    topo = topology(case, path)
+    group = _grouped_k(topo, transposed, group)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s, b = _operands(topo, transposed, dtype, path)
+        y = ops.dsd(s, grouped(b, "rows", group, layout))
+        assert y.dtype == dtype and y.is_contiguous()
+        assert_close(y, _expected(s, b), dtype, msg=f"dsd grouped {case} R={group} {dtype}")
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "no-tokens-b16", "coo-arbitrary-b16"])
+def test_dsd_grouped_b_writes_every_element(path, case, transposed, layout):
+    topo = topology(case, path)
+    s, b = _operands(topo, transposed, torch.float32, path)
+    out = poisoned((s.shape[0], N), torch.float32, path)
+    w = grouped(b, "rows", topo.block_size, layout)
+    assert ops._dsd_impl(s.data, w, topo, transposed, out=out) is out
+    assert_close(out, _expected(s, b), torch.float32, msg=f"dsd grouped poisoned {case}")
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case,group", [GROUPED_CASES[1], GROUPED_CASES[3]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dsd_grouped_b_gradients_match_dense(path, case, group, transposed, layout, dtype):
+    # S^T's data gradient reads b as SDD's left operand [G*R, N] (a reshape): covered here.
+    topo = topology(case, path)
+    group = _grouped_k(topo, transposed, group)
+    s, b = _operands(topo, transposed, dtype, path)
+    data = s.data.requires_grad_(True)
+    w = grouped(b, "rows", group, layout).requires_grad_(True)
+    y = ops.dsd(s, w)
+    dy = randn(y.shape, dtype, path, scale=sparse_scale(topo, not transposed), seed=5)
+    ddata, dw = torch.autograd.grad(y, (data, w), dy)
+    assert dw.shape == w.shape
+
+    d64 = data.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    y64 = s.with_data(d64).to_dense() @ torch.cat(list(w64), dim=0)
+    ddata_ref, dw_ref = torch.autograd.grad(y64, (d64, w64), dy.double())
+    assert_close(ddata, ddata_ref, dtype, msg=f"dsd grouped ddata {case}")
+    assert_close(dw, dw_ref, dtype, msg=f"dsd grouped dw {case}")
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+@pytest.mark.parametrize("case", ["moe-ragged-empty-expert-b16", "coo-arbitrary-b16"])
+def test_dsd_grouped_b_gradcheck_fp64(case, transposed):
+    topo = topology(case, "cpu")
+    s, b = _operands(topo, transposed, torch.float64, "cpu", n=3)
+    data = s.data.requires_grad_(True)
+    w = grouped(b, "rows", 16, "transposed-storage").requires_grad_(True)
+    with backend.prefer_on_cpu("cpu"):
+        assert torch.autograd.gradcheck(lambda d, w: ops.dsd(s.with_data(d), w), (data, w))
+
+
+@pytest.mark.parametrize("transposed", TRANSPOSED)
+def test_dsd_grouped_cpu_chunked_path(monkeypatch, transposed):
+    from blocksparse_moe.cpu import grouped as cpu_grouped
+
+    monkeypatch.setattr(cpu_grouped, "_CHUNK_ELEMENTS", 1)
+    topo = topology("coo-arbitrary-b16", "cpu")
+    s, b = _operands(topo, transposed, torch.float64, "cpu")
+    w = grouped(b, "rows", 16, "transposed-storage")
+    assert_close(cpu_grouped.dsd(s.data, w, *ops._topology_meta(topo), transposed), _expected(s, b), torch.float64)
+
+
+def test_dsd_grouped_b_rejects_bad_shapes(path):
+    topo = topology("moe-ragged-empty-expert-b16", path)  # 48 x 96, block 16
+    s, b = _operands(topo, False, torch.float32, path)
+    with pytest.raises(ValueError, match=r"dsd: grouped b has shape \(4, 24, 40\); its R = 24 must be a multiple "
+                                         r"of the block size 16"):
+        ops.dsd(s, b.reshape(4, 24, N))
+    with pytest.raises(ValueError, match=r"dsd: b must be 2-D or grouped 3-D \[G, R, N\], got shape \(2, 3, 16, 40\)"):
+        ops.dsd(s, b.reshape(2, 3, 16, N))
+    with pytest.raises(ValueError, match=r"dsd: s has 96 columns \(shape \(48, 96\)\) but b has 64 rows"):
+        ops.dsd(s, b.reshape(6, 16, N)[:4])
+    with pytest.raises(ValueError, match=r"dsd: s has 48 columns \(shape \(96, 48\)\) but b has 96 rows"):
+        ops.dsd(s.t(), b.reshape(6, 16, N))
 
 
 @pytest.mark.gpu
@@ -176,3 +277,29 @@ def test_dsd_gpu(block_size, dtype, transposed):
     ddata_ref, db_ref = torch.autograd.grad(s.with_data(d64).to_dense() @ b64, (d64, b64), dy.double())
     assert_close(ddata, ddata_ref, dtype, msg="dsd gpu ddata")
     assert_close(db, db_ref, dtype, msg="dsd gpu db")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("transposed", [False, True], ids=["S", "St"])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dsd_grouped_gpu(block_size, dtype, transposed, layout):
+    # b as a weight stack [G, R, N] read in place (R = the block size: works for S and S^T),
+    # and its gradients; the CPU twins are the test_dsd_grouped_b_* tests on the interpreter.
+    g = torch.Generator().manual_seed(block_size)
+    tokens = torch.randint(0, 300, (8,), generator=g).tolist()
+    tokens[5] = 0
+    topo = moe_topology(tokens, 256, block_size).to("cuda")
+    s, b = _operands(topo, transposed, dtype, "cuda", n=520)
+    data = s.data.requires_grad_(True)
+    w = grouped(b, "rows", block_size, layout).requires_grad_(True)
+    y = ops.dsd(s, w)
+    assert_close(y, _expected(s, b), dtype, msg=f"dsd grouped gpu b={block_size}")
+    dy = randn(y.shape, dtype, "cuda", scale=sparse_scale(topo, not transposed), seed=5)
+    ddata, dw = torch.autograd.grad(y, (data, w), dy)
+    d64 = data.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True)
+    ddata_ref, db_ref = torch.autograd.grad(s.with_data(d64).to_dense() @ b64, (d64, b64), dy.double())
+    assert_close(ddata, ddata_ref, dtype, msg="dsd grouped gpu ddata")
+    assert_close(torch.cat(list(dw), dim=0), db_ref, dtype, msg="dsd grouped gpu db")

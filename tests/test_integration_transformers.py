@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -375,3 +377,140 @@ def test_no_gate_family_module():
     with backend.prefer_on_cpu("cpu"):
         idx = _routing_case("skewed", 12, 2, 6, "cpu")
         _compare_experts(experts, "eager", idx, torch.float64, "cpu", msg="nemotron_h")
+
+
+# ----------------------------------------------------------------------------------------
+# No expert weight is copied per call: both products read the module's weights in place
+# ----------------------------------------------------------------------------------------
+
+class _AllocationSpy(TorchDispatchMode):
+    """Records every op whose output is a *new* tensor (no storage shared with an input)
+    of at least ``threshold`` elements: a copy of a weight would be one."""
+
+    def __init__(self, threshold: int):
+        super().__init__()
+        self.threshold = threshold
+        self.large = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.threshold
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.large.append(f"{func} -> {tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["E-W-H-down-E-H-F", "E-H-W-down-E-F-H"])
+def test_experts_read_weights_in_place(path, monkeypatch, transposed):
+    """Mixtral/Qwen/OLMoE's layout (down_proj [E, H, F]) and GPT-OSS's (gate_up_proj
+    [E, H, 2F]) have no strided 2-D view for one of the two products; they reach the
+    launchers as grouped 3-D views of the parameters, and the forward allocates nothing as
+    large as a weight. (H = F = 64, 8 experts and blocks of 16 keep every activation below
+    the size of down_proj.)"""
+    from blocksparse_moe import ops
+
+    experts = _toy_experts(gate="default", transposed=transposed, bias=False, post_norm=False, ffn=64, hidden=64,
+                           num_experts=8).to(path)
+    experts.blocksparse_moe_max_block_size = 16
+    experts.config._experts_implementation = NAME
+    launched = []
+    for name in ("_sdd_launch", "_dsd_launch"):
+        real = getattr(ops, name)
+
+        def spy(x, b, *args, _real=real, _name=name, **kw):
+            launched.append((_name, b))
+            return _real(x, b, *args, **kw)
+
+        monkeypatch.setattr(ops, name, spy)
+    idx = _routing_case("uneven", 6, 2, 8, path)
+    x = torch.randn(6, 64, device=path)
+    w = torch.rand(6, 2, device=path)
+    spy_mode = _AllocationSpy(min(experts.gate_up_proj.numel(), experts.down_proj.numel()))
+    with torch.no_grad(), spy_mode:
+        out = experts(x, idx, w)
+    assert spy_mode.large == [], f"the forward allocated weight-sized tensors: {spy_mode.large}"
+    # Same values as transformers' own implementation: the views are the right ones.
+    experts.config._experts_implementation = "batched_mm"
+    with torch.no_grad():
+        assert_close(out, experts(x, idx, w), torch.float32, "layer", msg="in-place weights")
+    weights = {"_sdd_launch": experts.gate_up_proj, "_dsd_launch": experts.down_proj}
+    assert [n for n, _ in launched] == ["_sdd_launch", "_dsd_launch"]
+    for name, b in launched:
+        assert b.dim() == 3, f"{name} got a 2-D (copied) weight {tuple(b.shape)}"
+        assert b.untyped_storage().data_ptr() == weights[name].untyped_storage().data_ptr(), \
+            f"{name} got a copy of the weight"
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): the experts (and a whole tiny model) in one graph
+# ----------------------------------------------------------------------------------------
+
+def _compiled_vs_eager(fn_eager, fn_compiled, inputs, params):
+    """Outputs and gradients (inputs that require grad, then ``params``) of both callables."""
+    results = []
+    for fn in (fn_eager, fn_compiled):
+        for p in params:
+            p.grad = None
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves)
+        probe = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)
+        (out * probe).sum().backward()
+        grads = [t.grad for t in leaves if t.is_floating_point()] + [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        results.append((out.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("family, expert_parallel", [("mixtral", False), ("gpt_oss", False), ("mixtral", True)],
+                         ids=["mixtral", "gpt_oss-transposed-bias-custom-gate", "mixtral-expert-parallel"])
+def test_compiled_experts_match_eager(family, expert_parallel):
+    """``torch.compile(experts, fullgraph=True)``: one graph (no host read breaks it; P is
+    an unbacked size), and the eager results and gradients."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    with backend.prefer_on_cpu("cpu"):
+        experts = _experts_of(family, torch.float32, "cpu")
+        experts.config._experts_implementation = NAME
+        e = experts.num_experts
+        idx = _routing_case("empty-expert", 9, 2, e, "cpu")
+        if expert_parallel:
+            experts._is_expert_parallel = True
+            idx[0, 0], idx[4] = e, e  # other ranks' experts
+        torch.manual_seed(8)
+        x, w = torch.randn(9, _COMMON["hidden_size"]), torch.rand(9, 2) + 0.1
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(experts, fullgraph=True, backend=counter)
+        params = list(experts.parameters())
+        (out_e, grads_e), (out_c, grads_c) = _compiled_vs_eager(lambda x, w: experts(x, idx, w),
+                                                                lambda x, w: compiled(x, idx, w), [x, w], params)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    assert_close(out_c, out_e, torch.float32, "layer", msg=f"{family} compiled out")
+    for i, (a, b) in enumerate(zip(grads_c, grads_e)):
+        assert_close(a, b, torch.float32, "layer", msg=f"{family} compiled grad {i}")
+
+
+def test_compiled_model_matches_eager():
+    """A whole tiny Mixtral under fullgraph: transformers' own code traces as well."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with backend.prefer_on_cpu("cpu"):
+        model = _tiny_model("mixtral", torch.float32)
+        model.set_experts_implementation(NAME)
+        torch.manual_seed(9)
+        embeds = torch.randn(1, 9, _COMMON["hidden_size"])
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        params = [p for p in model.parameters() if p.requires_grad]
+        (out_e, grads_e), (out_c, grads_c) = _compiled_vs_eager(lambda x: model(inputs_embeds=x).logits,
+                                                                lambda x: compiled(inputs_embeds=x).logits,
+                                                                [embeds], params)
+    torch._dynamo.reset()
+    assert_close(out_c, out_e, torch.float32, "layer", msg="compiled logits")
+    for i, (a, b) in enumerate(zip(grads_c, grads_e)):
+        assert_close(a, b, torch.float32, "layer", msg=f"compiled model grad {i}")

@@ -12,23 +12,28 @@ padded_scatter``, with autograd. transformers is an optional dependency (extra
 ``[transformers]``); nothing here downloads weights.
 
 How the module's weight layouts map onto the two products (``E`` experts, hidden ``H``,
-inner width ``F``, block size ``b``):
+inner width ``F``, block size ``b``). Both products take the weights as *grouped* operands
+(``blocksparse_moe/_grouped.py``: a 3-D stack read through its three strides), so no expert
+weight is copied per call, whatever ``is_transposed`` says:
 
-* ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) becomes the ``[H, E*W]``
-  right operand of the SDD, ``W = 2F`` (gated) or ``F``; expert ``e`` owns columns
-  ``e*W .. (e+1)*W - 1`` in the module's own column order, so the SDD's block row of
+* ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) is the SDD's right operand
+  ``[H, E*W]``, ``W = 2F`` (gated) or ``F``, passed as the ``[E, H, W]`` stack (the module's
+  ``[E, H, W]`` itself, or the ``transpose(1, 2)`` view of ``[E, W, H]``): expert ``e`` owns
+  columns ``e*W .. (e+1)*W - 1`` in the module's own column order, so the SDD's block row of
   expert ``e`` holds exactly the ``[gate | up]`` (or interleaved) row transformers computes.
-  With ``is_transposed=False`` (``[E, W, H]``) this is a pure view; with
-  ``is_transposed=True`` (``[E, H, W]``) no strided 2-D view exists and torch copies it
-  (one read of the weight, which the product reads anyway; autograd flows through).
-* ``down_proj`` becomes the ``[E*F, H]`` right operand of the DSD: a view for
-  ``is_transposed=True`` (``[E, F, H]``), a copy for ``[E, H, F]``.
+* ``down_proj`` is the DSD's right operand ``[E*F, H]``, passed as the ``[E, F, H]`` stack
+  (the module's ``[E, F, H]``, or the ``transpose(1, 2)`` view of ``[E, H, F]``, which no 2-D
+  view could express).
 * ``F`` must be a multiple of a block size; the largest of 128/64/32/16 dividing ``F`` is
   used. Otherwise ``F`` is padded with zero columns to a multiple of 16 (gate/up halves
   padded separately so column ``i`` of gate still meets column ``i`` of up): the padded
   columns meet zero rows of ``down_proj``, and a custom gate is handed only the real
   columns, so the result is exact. Padding copies the weights each call; prefer an ``F``
   divisible by 16.
+
+torch.compile: the forward has no host read outside the ops (the routing's ``P`` sizes
+every topology, as in ``moe.expert_mlp``), so a module compiled with ``fullgraph=True``
+traces into one graph; ``P`` is an unbacked symbolic size there.
 
 Gating. transformers' default ``_apply_gate`` is ``act(gate) * up`` on ``chunk(2)``: it is
 applied blockwise on the SDD's blocks, gate block ``c`` with up block ``c`` of the same row,
@@ -165,7 +170,7 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     """
     if hidden_states.dim() != 2:
         raise ValueError(f"blocksparse_moe experts: hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
-    num_tokens, hidden = hidden_states.shape
+    num_tokens = hidden_states.shape[0]
     if top_k_index.dim() != 2 or top_k_index.shape[0] != num_tokens:
         raise ValueError(f"blocksparse_moe experts: top_k_index must be [T={num_tokens}, k], "
                          f"got {tuple(top_k_index.shape)}")
@@ -194,32 +199,38 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     block_size, ffn_padded = pick_block_size(ffn, getattr(self, "blocksparse_moe_max_block_size", 128))
     dtype = w_in.dtype
 
-    # [E, W, H] views whatever the storage, then the [H, E*W] SDD operand (a view when the
-    # storage is [E, W, H] and nothing is padded; torch copies otherwise).
-    w1 = w_in.transpose(1, 2) if transposed else w_in
-    w1 = _pad_inner(w1, 1, ffn, ffn_padded, groups, interleaved)
-    w1 = w1.permute(2, 0, 1).reshape(hidden, num_experts * groups * ffn_padded)
-    # [E, F, H] views, then the [E*F, H] DSD operand.
+    # The products' grouped operands, views of the module's weights in either layout (no
+    # copy unless F is padded): w1 [E, H, W] for the SDD, w2 [E, F, H] for the DSD.
+    w1 = w_in if transposed else w_in.transpose(1, 2)
+    w1 = _pad_inner(w1, 2, ffn, ffn_padded, groups, interleaved)
     w2 = w_out if transposed else w_out.transpose(1, 2)
-    w2 = _pad_inner(w2, 1, ffn, ffn_padded, 1, False).reshape(num_experts * ffn_padded, hidden)
+    w2 = _pad_inner(w2, 1, ffn, ffn_padded, 1, False)
 
     # Expert parallelism: ids of experts on other ranks go to a virtual expert E.
     ids = top_k_index
-    route_experts = num_experts
-    if getattr(self, "_is_expert_parallel", False):
+    expert_parallel = bool(getattr(self, "_is_expert_parallel", False))
+    if expert_parallel:
         ids = torch.where((ids < 0) | (ids >= num_experts), torch.full_like(ids, num_experts), ids)
-        route_experts = num_experts + 1
-    routing = route(ids.contiguous(), route_experts, block_size)
-    topo_in = make_topology(routing.padded_bins[:num_experts], num_experts, groups * ffn_padded, block_size)
+        routing = route(ids.contiguous(), num_experts + 1, block_size)
+        # P without the virtual expert's rows (their padded_bins entry is the last).
+        topo_in = make_topology(routing.padded_bins[:num_experts], num_experts, groups * ffn_padded, block_size)
+    else:
+        # route() builds the SDD's topology and knows P from it (under torch.compile: one
+        # symbolic P that every later op takes its sizes from, no host read).
+        routing = route(ids.contiguous(), num_experts, block_size, ffn_hidden_size=groups * ffn_padded)
+        topo_in = routing.topology
+    rows = topo_in.shape[0]
     topo_hidden = topo_in if not has_gate else make_topology(
-        routing.padded_bins[:num_experts], num_experts, ffn_padded, block_size)
-    rows = topo_in.shape[0]  # P without the virtual expert's rows
+        routing.padded_bins[:num_experts], num_experts, ffn_padded, block_size, padded_tokens=rows)
     block_rows = rows // block_size
 
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     x_perm = ops.padded_gather(x.contiguous(), routing, top_k)
-    if x_perm.shape[0] != rows:
-        x_perm = x_perm[:rows]  # drop the virtual expert's rows: a contiguous prefix, no copy
+    if expert_parallel:
+        # Drop the virtual expert's rows: a contiguous prefix, no copy. Under torch.compile
+        # rows and P are two unbacked sizes; the check tells the compiler rows <= P.
+        torch._check(rows <= routing.padded_tokens)
+        x_perm = x_perm.narrow(0, 0, rows)
 
     expert_of_block_row: Optional[torch.Tensor] = None
     if has_bias:
@@ -269,8 +280,8 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
         y = y + self.down_proj_bias[expert_of_block_row].repeat_interleave(block_size, 0)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
-    if y.shape[0] != routing.padded_tokens:
-        y = F.pad(y, (0, 0, 0, routing.padded_tokens - y.shape[0]))  # the virtual expert's rows: zeros
+    if expert_parallel:
+        y = F.pad(y, (0, 0, 0, routing.padded_tokens - rows))  # the virtual expert's rows: zeros
     # fp32 router weights stay fp32: the scatter sums in fp32 anyway.
     weights = top_k_weights if top_k_weights.dtype in (y.dtype, torch.float32) else top_k_weights.to(y.dtype)
     out = ops.padded_scatter(y, routing, weights, top_k)

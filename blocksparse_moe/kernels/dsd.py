@@ -4,7 +4,9 @@
     out[M, N] = S^T[M, K] @ B[K, N]      transposed: M x K = reversed topology.shape
 
     data [nnz, b, b]   any strides
-    b    [K, N]        any strides
+    b    [K, N]        any strides, or *grouped* [G, R, N] with K = G*R: the 2-D operand is
+                       the concatenation of b[0], .., b[G-1] along its rows,
+                       B[g*R + r, n] = b[g, r, n] (an expert weight stack read in place)
     out  [M, N]        any strides; every element is written (zeros for empty block rows)
 
 Metadata read: for S, ``offsets`` (CSR row pointers) and ``column_indices``; a stored block
@@ -12,6 +14,11 @@ Metadata read: for S, ``offsets`` (CSR row pointers) and ``column_indices``; a s
 column by column: block rows of S^T and their block columns), and the block sits at
 ``data[block_offsets_t[i]]``, read transposed by swapping its two strides. One kernel serves
 both: the launcher passes the metadata and the strides of the form it runs.
+
+A grouped b needs R to be a multiple of b, so the b rows of B that one stored block meets
+lie in one group: one integer division per block, ``g = row0 // R``, then B is addressed
+``g*stride_g + (row0 - g*R + r)*stride_k + n*stride_n``. A 2-D b is the case G = 1 (R = K,
+stride_g unused): one kernel serves both.
 
 Grid: (block rows of out x BLOCK_M tiles, N / BLOCK_N). Each program owns one output tile,
 walks the stored blocks of its block row and, inside each, K in BLOCK_K steps (one flat
@@ -28,13 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grouped import grouped_rows
 from . import _common
 
 
 @triton.jit
 def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block_index_ptr,
-                N,
-                stride_dn, stride_dm, stride_dk, stride_bk, stride_bn, stride_om, stride_on,
+                N, GROUP_ROWS,
+                stride_dn, stride_dm, stride_dk, stride_bg, stride_bk, stride_bn, stride_om, stride_on,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HAS_BLOCK_INDEX: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
@@ -61,7 +69,11 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
         else:
             d = tl.cast(i, tl.int64)  # d * stride_dn exceeds int32 on big layers
         s = tl.load(data_ptr + d * stride_dn + in_m[:, None] * stride_dm + kk[None, :] * stride_dk)
-        b = tl.load(b_ptr + (block_col * BLOCK + kk)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        # The group of B holding this block's rows, and the rows inside it.
+        row0 = block_col * BLOCK
+        group = row0 // GROUP_ROWS
+        rows_b = (row0 - group * GROUP_ROWS) + kk
+        b = tl.load(b_ptr + group * stride_bg + rows_b[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=n_ok[None, :], other=0.0)
         acc = _common.dot(s, b, acc, INTERPRET, INPUT_PRECISION)
 
@@ -76,7 +88,8 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     """Launch DSD: ``out = S @ b`` (``S^T @ b`` when ``transposed``); returns ``out [M, N]``.
 
     ``data [nnz, bs, bs]`` and the topology's six metadata tensors describe S. ``b`` and
-    ``out`` are read and written through their strides (transposed views cost nothing).
+    ``out`` are read and written through their strides (transposed views cost nothing);
+    ``b`` is ``[K, N]`` or grouped ``[G, R, N]`` (``K = G*R``, ``R`` a multiple of ``bs``).
     ``ops.dsd`` has checked the arguments; this re-checks only what would make the kernel
     touch memory out of bounds.
     """
@@ -93,9 +106,10 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     m = (row_offsets.numel() - 1) * bs
     if data.shape != (row_indices.numel(), bs, bs):
         raise ValueError(f"dsd: data has shape {tuple(data.shape)}, expected ({row_indices.numel()}, {bs}, {bs})")
-    if b.dim() != 2 or b.shape[0] != k or b.dtype != data.dtype:
+    bg, group_rows = grouped_rows("dsd", b, k, bs)
+    if b.dtype != data.dtype:
         raise ValueError(f"dsd: b must be {data.dtype} with {k} rows, got {b.dtype} {tuple(b.shape)}")
-    n = b.shape[1]
+    n = b.shape[-1]
     if out is None:
         out = torch.empty((m, n), dtype=data.dtype, device=data.device)
     elif out.shape != (m, n) or out.dtype != data.dtype or out.device != data.device:
@@ -110,8 +124,8 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
 
     kernel[grid](
         data, b, out, row_offsets, block_cols, block_index,
-        n,
-        data.stride(0), stride_dm, stride_dk, b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        n, group_rows,
+        data.stride(0), stride_dm, stride_dk, bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1),
         BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None,
         INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(data.dtype),
         **meta,

@@ -3,14 +3,19 @@
     data[n] = A[rows of block row row_indices[n]] @ B[:, cols of block column column_indices[n]]
 
     a    [M, K]       any strides (a.t() views of the backward need no copy)
-    b    [K, N]       any strides
+    b    [K, N]       any strides, or *grouped* [G, K, C] with N = G*C: the 2-D operand is
+                      the concatenation of b[0], .., b[G-1] along its columns,
+                      B[k, g*C + c] = b[g, k, c] (an expert weight stack read in place)
     out  [nnz, b, b]  any strides; every element is written
     a_rows [M] int32  optional: logical row i of A is a[a_rows[i]], or a zero row where
                       a_rows[i] == -1 (the fused "gather x straight from the tokens" form;
                       then a has any number of rows)
 
 Reads ``row_indices`` and ``column_indices`` (the COO view) only. M and N are multiples of
-b (the topology's shape); K is any size (masked).
+b (the topology's shape); K is any size (masked). A grouped b needs C to be a multiple of
+b, so a block column never straddles two groups: its group is one integer division per
+program, ``g = col0 // C``, and B is addressed ``g*stride_g + k*stride_k + (col0 - g*C + c)*stride_c``.
+A 2-D b is the case G = 1 (C = N, stride_g unused): one kernel serves both.
 
 Grid: one program per (stored block, BLOCK_M x BLOCK_N tile of it), tiles of one block
 adjacent so their A rows stay in L2; each program loops over K in BLOCK_K steps,
@@ -28,13 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grouped import grouped_cols
 from . import _common
 
 
 @triton.jit
 def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_rows_ptr,
-                K,
-                stride_am, stride_ak, stride_bk, stride_bn, stride_on, stride_or, stride_oc,
+                K, GROUP_COLS,
+                stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_on, stride_or, stride_oc,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HAS_A_ROWS: tl.constexpr, EPILOGUE: tl.constexpr,
                 INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -51,8 +57,12 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
     in_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)  # rows / cols inside the block
     in_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = block_row * BLOCK + in_m
-    offs_n = block_col * BLOCK + in_n
     offs_k = tl.arange(0, BLOCK_K)
+    # The block column's group of B (constant over the block: GROUP_COLS is a multiple of
+    # BLOCK) and its columns inside that group.
+    col0 = block_col * BLOCK
+    group = col0 // GROUP_COLS
+    offs_c = (col0 - group * GROUP_COLS) + in_n
 
     if HAS_A_ROWS:
         rows = tl.load(a_rows_ptr + offs_m).to(tl.int64)
@@ -62,7 +72,7 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
         rows = offs_m
         row_ok = offs_m >= 0
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + group * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -86,8 +96,9 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
 
     Takes the topology's six metadata tensors (the signature every product launcher and
     its CPU twin share); reads only ``row_indices`` and ``column_indices``. Operands are
-    read through their strides, never copied. ``ops.sdd`` has checked the arguments; this
-    re-checks only what would make the kernel touch memory out of bounds.
+    read through their strides, never copied; ``b`` is ``[K, N]`` or grouped ``[G, K, C]``
+    (``N = G*C``, ``C`` a multiple of ``block_size``). ``ops.sdd`` has checked the arguments;
+    this re-checks only what would make the kernel touch memory out of bounds.
     """
     if epilogue is not None:
         raise NotImplementedError(f"sdd: epilogue {epilogue!r} is not implemented (only None)")
@@ -95,9 +106,10 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
     nnz = row_indices.numel()
     m = (offsets.numel() - 1) * block_size
     n = (offsets_t.numel() - 1) * block_size
-    if b.dim() != 2 or a.dim() != 2 or b.shape != (a.shape[1], n) or b.dtype != a.dtype:
-        raise ValueError(f"sdd: expected a [*, K] and b [K, {n}] of one dtype, got a {a.dtype} {tuple(a.shape)} "
-                         f"and b {b.dtype} {tuple(b.shape)}")
+    bg, group_cols = grouped_cols("sdd", b, n, block_size)
+    if a.dim() != 2 or b.shape[-2] != a.shape[1] or b.dtype != a.dtype:
+        raise ValueError(f"sdd: expected a [*, K] and b [K, {n}] (or [G, K, {n}/G]) of one dtype, got a {a.dtype} "
+                         f"{tuple(a.shape)} and b {b.dtype} {tuple(b.shape)}")
     if a_rows is None and a.shape[0] != m:
         raise ValueError(f"sdd: a has {a.shape[0]} rows but the topology has {m}")
     if a_rows is not None and (a_rows.dtype != torch.int32 or a_rows.shape != (m,)):
@@ -116,8 +128,8 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
 
     kernel[grid](
         a, b, out, row_indices, column_indices, a_rows,
-        a.shape[1],
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        a.shape[1], group_cols,
+        a.stride(0), a.stride(1), bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1), out.stride(2),
         BLOCK=block_size, HAS_A_ROWS=a_rows is not None, EPILOGUE=epilogue,
         INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(a.dtype),
         **meta,
