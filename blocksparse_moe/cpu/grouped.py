@@ -5,10 +5,12 @@ for a 3-D ``b``; ``ops`` sends 2-D operands to ``cpu/products.py`` and 3-D ones 
 grouped operand is never copied whole: each matmul reads one group's slice ``b[g, ...]``,
 a 2-D strided view.
 
-* **Dense rectangles** (every MoE topology, found by ``products.rectangles``): a rectangle's
-  range of B columns (SDD) or B rows (DSD) is cut at group boundaries, and each piece is one
-  matmul on ``b[g]``'s slice. In an MoE the groups are the experts and a rectangle is one
-  expert, so that is one matmul per expert, as in the 2-D path.
+* **Dense rectangles** (every MoE topology, found by ``products.rectangles``): the 2-D path's
+  ``sdd_on_rectangles`` / ``dsd_on_rectangles`` with ``b`` read as a grouped
+  ``products.Operand``: a rectangle's range of B columns (SDD) or B rows (DSD) is cut at
+  group boundaries, and each piece is one matmul on ``b[g]``'s slice. In an MoE the groups
+  are the experts and a rectangle is one expert, so that is one matmul per expert (and one
+  bmm over ``b[g:g+n]`` for neighbouring experts of one size), as in the 2-D path.
 * **Any other pattern**: chunks of stored blocks, each one ``torch.bmm`` over operand blocks
   gathered by (group, block inside the group), as the 2-D path does.
 
@@ -18,12 +20,12 @@ converted one matmul at a time, the result rounded once.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .._grouped import grouped_cols, grouped_rows
-from .products import rectangles
+from .products import Operand, deliver, dense_result, dsd_on_rectangles, rectangles, sdd_on_rectangles
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements of gathered operand blocks one bmm chunk may hold (the 2-D path's bound).
@@ -39,29 +41,10 @@ def _check_dtype(op: str, t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
-def _pieces(start: int, stop: int, group: int) -> Iterator[Tuple[int, int, int]]:
-    """``(g, lo, hi)``: the range ``[start, stop)`` of the grouped dimension cut at multiples
-    of ``group``, each piece ``[lo, hi)`` lying in group ``g`` (offsets relative to ``start``)."""
-    pos = start
-    while pos < stop:
-        g = pos // group
-        end = min(stop, (g + 1) * group)
-        yield g, pos - start, end - start
-        pos = end
-
-
 def _chunks(nnz: int, per_block: int):
     step = max(1, _CHUNK_ELEMENTS // max(1, per_block))
     for start in range(0, nnz, step):
         yield slice(start, min(nnz, start + step))
-
-
-def _rect_dense(data: torch.Tensor, seg, acc: torch.dtype) -> torch.Tensor:
-    """The ``[R*b, C*b]`` matrix of one rectangle's blocks (a copy, in ``acc`` dtype)."""
-    _, r, _, c, n0 = seg
-    bs = data.shape[1]
-    blocks = data[n0:n0 + r * c].to(acc).reshape(r, c, bs, bs)
-    return blocks.permute(0, 2, 1, 3).reshape(r * bs, c * bs)
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
@@ -99,14 +82,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
     acc = _acc_dtype(a.dtype)
     segs = rectangles(row_indices, column_indices, offsets)
     if segs is not None:
-        for r0, r, c0, c, n0 in segs:
-            rows = a[r0 * bs:(r0 + r) * bs].to(acc)
-            blocks = out[n0:n0 + r * c].view(r, c, bs, bs)
-            for g, lo, hi in _pieces(c0 * bs, (c0 + c) * bs, group):
-                col = c0 * bs + lo - g * group  # first column of the piece inside group g
-                prod = rows @ b[g, :, col:col + hi - lo].to(acc)
-                w = (hi - lo) // bs
-                blocks[:, lo // bs:lo // bs + w].copy_(prod.reshape(r, bs, w, bs).permute(0, 2, 1, 3))
+        sdd_on_rectangles(a, Operand(b, "cols"), segs, bs, out)
         return out
     k = a.shape[1]
     a_blocks = a.reshape(m // bs, bs, k)
@@ -121,28 +97,20 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
 
 
 def _dsd_acc(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
-             offsets: torch.Tensor, offsets_t: torch.Tensor, transposed: bool, group: int) -> torch.Tensor:
-    """``S @ B`` (``S^T @ B``) for grouped ``b [G, R, N]`` (``R = group``), fresh, accumulation dtype."""
+             offsets: torch.Tensor, offsets_t: torch.Tensor, transposed: bool, group: int,
+             out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``S @ B`` (``S^T @ B``) for grouped ``b [G, R, N]`` (``R = group``) as a row-major buffer
+    (``products.dense_result``, possibly ``out`` itself) for ``products.deliver``."""
     bs = data.shape[1]
     acc_dtype = _acc_dtype(data.dtype)
     m = ((offsets_t if transposed else offsets).numel() - 1) * bs
     n = b.shape[2]
-    acc = torch.zeros((m, n), dtype=acc_dtype, device=data.device)
-    if row_indices.numel() == 0 or n == 0:
-        return acc
-    segs = rectangles(row_indices, column_indices, offsets)
+    segs = rectangles(row_indices, column_indices, offsets) if row_indices.numel() and n else None
     if segs is not None:
-        for seg in segs:
-            r0, r, c0, c, _ = seg
-            s = _rect_dense(data, seg, acc_dtype)
-            # S's rectangle meets B's rows c0*bs.. (S^T's: r0*bs..), cut at group boundaries.
-            if transposed:
-                s, out_rows, start, stop = s.t(), acc[c0 * bs:(c0 + c) * bs], r0 * bs, (r0 + r) * bs
-            else:
-                out_rows, start, stop = acc[r0 * bs:(r0 + r) * bs], c0 * bs, (c0 + c) * bs
-            for g, lo, hi in _pieces(start, stop, group):
-                row = start + lo - g * group
-                out_rows.addmm_(s[:, lo:hi], b[g, row:row + hi - lo].to(acc_dtype))
+        return dsd_on_rectangles(out, (m, n), data, Operand(b, "rows"), segs, transposed)
+    acc = dense_result(out, (m, n), acc_dtype, data.device)
+    acc.zero_()
+    if row_indices.numel() == 0 or n == 0:
         return acc
     if transposed:
         out_rows, b_rows, blocks = column_indices.long(), row_indices.long(), data.transpose(1, 2)
@@ -177,8 +145,6 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     if out is not None and (out.shape != (m, n) or out.dtype != data.dtype or out.device != data.device):
         raise ValueError(f"dsd: out must be {data.dtype} of shape ({m}, {n}) on {data.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    acc = _dsd_acc(data, b, row_indices, column_indices, offsets, offsets_t, transposed, group)
-    if out is None:
-        return acc if acc.dtype == data.dtype else acc.to(data.dtype)
-    return out.copy_(acc)
+    acc = _dsd_acc(data, b, row_indices, column_indices, offsets, offsets_t, transposed, group, out)
+    return deliver(acc, data.dtype, out)
 

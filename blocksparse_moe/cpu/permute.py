@@ -3,8 +3,10 @@
 Same formulas, shapes and ``row_slots`` convention as the Triton launchers (see that
 module's header). Arithmetic is fp32 for fp32/fp16/bf16 data (rounded once to the output
 dtype, like the kernels) and float64 for float64 data, so gradcheck can run on this path.
-Deterministic: every output element is written by one index_copy / reduction in a fixed
-order; no index_add.
+Deterministic: every output element is written by one index_select / reduction in a fixed
+order; no index_add. Each function makes one pass over its output (the gather writes
+padding rows with the rest, then zeroes them; the scatter scales its gathered copy in
+place), since on the CPU these are memory-bound.
 """
 
 from __future__ import annotations
@@ -42,15 +44,22 @@ def gather(x: torch.Tensor, row_slots: torch.Tensor, top_k: int, weights: Option
     T, H = x.shape
     R = row_slots.numel()
     out = _make_out(out, (R, H), x.dtype, x.device)
-    out.zero_()
-    valid = torch.nonzero(row_slots >= 0).squeeze(1)
-    slots = row_slots.long().index_select(0, valid)
-    vals = x.index_select(0, torch.div(slots, top_k, rounding_mode="floor"))
+    if T == 0 or R == 0:
+        return out.zero_()
+    # One pass writes every row (padding rows read token 0, then are zeroed): no zero-fill
+    # of the whole output and no staging copy of the gathered rows.
+    slots = row_slots.long().clamp(min=0)
+    torch.index_select(x, 0, torch.div(slots, top_k, rounding_mode="floor"), out=out)
     if weights is not None:
         acc = _acc_dtype(x.dtype)
-        w = weights.reshape(-1).index_select(0, slots).to(acc)
-        vals = (vals.to(acc) * w.unsqueeze(1)).to(x.dtype)
-    out.index_copy_(0, valid, vals)
+        w = weights.reshape(-1).index_select(0, slots).to(acc).unsqueeze(1)
+        if out.dtype == acc:
+            out.mul_(w)
+        else:
+            out.copy_(out.to(acc) * w)
+    padding = torch.nonzero(row_slots < 0).squeeze(1)
+    if padding.numel():
+        out.index_fill_(0, padding, 0)
     return out
 
 
@@ -61,9 +70,11 @@ def scatter(y: torch.Tensor, rows: torch.Tensor, top_k: int, weights: Optional[t
     T = rows.numel() // top_k
     out = _make_out(out, (T, H), y.dtype, y.device)
     acc = _acc_dtype(y.dtype)
-    g = y.index_select(0, rows.long()).to(acc).view(T, top_k, H)
+    g = y.index_select(0, rows.long()).to(acc).view(T, top_k, H)  # a fresh copy: scaled in place
     if weights is not None:
-        g = g * weights.to(acc).unsqueeze(2)
+        g.mul_(weights.to(acc).unsqueeze(2))
+    if out.dtype == acc:
+        return torch.sum(g, 1, out=out)
     out.copy_(g.sum(1))
     return out
 
