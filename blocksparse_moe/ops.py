@@ -28,7 +28,7 @@ from .topology import Topology
 # ---------------------------------------------------------------------------------------
 # The backward of each product is made of the other products (stk's scheme), so three
 # kernels cover the six passes:
-#   sdd  C = (A @ B) on S's blocks:   dA = dsd(dC, B^T)          dB = dds(A^T, dC)
+#   sdd  C = (A @ B) on S's blocks:   dA = dsd(dC, B^T)          dB = dsd(dC^T, A)^T
 #   dsd  Y = S @ B:                   dS = sdd(dY, B^T) on S     dB = dsd(S^T, dY)
 #        Y = S^T @ B:                 dS = sdd(B, dY^T) on S     dB = dsd(S, dY)
 #   dds  Y = A @ S:                   dA = dds(dY, S^T)          dS = sdd(A^T, dY) on S
@@ -207,7 +207,10 @@ class _SddFn(torch.autograd.Function):
         da = _dsd_impl(ddata, b.transpose(-2, -1), topo, False) if ctx.needs_input_grad[0] else None
         db = None
         if ctx.needs_input_grad[1]:
-            db = _grouped.flat_grad(_dds_impl(a.t(), ddata, topo, False), b, "cols")
+            # A^T @ dC as (dC^T @ A)^T: the same products as dds(A^T, dC), but the result
+            # is written row-major in b's own [.., K] order, so for a weight stored
+            # [E, 2F, H] (read as its transpose) the gradient needs no transposing copy.
+            db = _grouped.flat_grad(_dsd_impl(ddata, a, topo, True).t(), b, "cols")
         return da, db, None
 
 
