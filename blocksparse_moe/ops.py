@@ -55,9 +55,7 @@ def _topology_meta(topology: Topology):
 
 
 def _sdd_launch(a, b, *meta_and_block_size, out=None, a_rows=None):
-    if backend.select(a) == "cpu" and b.dim() == 3:
-        from .cpu.grouped import sdd as impl
-    elif backend.select(a) == "cpu":
+    if backend.select(a) == "cpu":
         from .cpu.products import sdd as impl
     else:
         from .kernels.sdd import sdd as impl
@@ -65,9 +63,7 @@ def _sdd_launch(a, b, *meta_and_block_size, out=None, a_rows=None):
 
 
 def _dsd_launch(data, b, *meta_and_transposed, out=None):
-    if backend.select(data) == "cpu" and b.dim() == 3:
-        from .cpu.grouped import dsd as impl
-    elif backend.select(data) == "cpu":
+    if backend.select(data) == "cpu":
         from .cpu.products import dsd as impl
     else:
         from .kernels.dsd import dsd as impl

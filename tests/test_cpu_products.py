@@ -1,4 +1,4 @@
-"""The CPU path's rectangle strategies (``cpu/products.py``, ``cpu/grouped.py``), each forced
+"""The CPU path's rectangle strategies (``cpu/products.py``), each forced
 on, against dense float64 products: neighbouring experts of one size batched into one bmm,
 staging runs of many small experts, single rectangles, rectangles that overlap in their
 output rows/columns (the ``addmm_`` and zero-fill bookkeeping), and grouped operands whose
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from blocksparse_moe import ops
-from blocksparse_moe.cpu import grouped as cpu_grouped
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.topology import Topology
 from product_cases import moe_topology, randn
@@ -141,7 +140,7 @@ def test_grouped_operand_pieces(layout, group):
     b3 = b2.view(K, n // group, group).transpose(0, 1)  # [G, K, C]: B = cat(list(b3), dim=1)
     if layout == "contiguous":
         b3 = b3.contiguous()
-    got = cpu_grouped.sdd(a, b3, *meta, bs)
+    got = cpu_products.sdd(a, b3, *meta, bs)
     assert_close(_scatter_blocks(topo, got), (a @ b2) * topo.to_dense_mask().double(), torch.float64,
                  msg="grouped sdd")
     data = randn((topo.nnz, bs, bs), torch.float64, "cpu", seed=3)
@@ -150,11 +149,11 @@ def test_grouped_operand_pieces(layout, group):
     if layout != "contiguous":
         w3 = w3.transpose(1, 2).contiguous().transpose(1, 2)
     s = _scatter_blocks(topo, data)
-    assert_close(cpu_grouped.dsd(data, w3, *meta, False), s @ w, torch.float64, msg="grouped dsd")
+    assert_close(cpu_products.dsd(data, w3, *meta, False), s @ w, torch.float64, msg="grouped dsd")
     dy = randn((m, K), torch.float64, "cpu", seed=5)
     dy3 = dy.view(m // group, group, K) if m % group == 0 else None
     if dy3 is not None:  # S^T @ B with B's rows grouped
-        assert_close(cpu_grouped.dsd(data, dy3, *meta, True), s.t() @ dy, torch.float64, msg="grouped dsd^T")
+        assert_close(cpu_products.dsd(data, dy3, *meta, True), s.t() @ dy, torch.float64, msg="grouped dsd^T")
 
 
 def test_operand_views_share_storage():

@@ -233,13 +233,13 @@ def test_dsd_grouped_b_gradcheck_fp64(case, transposed):
 
 @pytest.mark.parametrize("transposed", TRANSPOSED)
 def test_dsd_grouped_cpu_chunked_path(monkeypatch, transposed):
-    from blocksparse_moe.cpu import grouped as cpu_grouped
+    from blocksparse_moe.cpu import products as cpu_products
 
-    monkeypatch.setattr(cpu_grouped, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     s, b = _operands(topo, transposed, torch.float64, "cpu")
     w = grouped(b, "rows", 16, "transposed-storage")
-    assert_close(cpu_grouped.dsd(s.data, w, *ops._topology_meta(topo), transposed), _expected(s, b), torch.float64)
+    assert_close(cpu_products.dsd(s.data, w, *ops._topology_meta(topo), transposed), _expected(s, b), torch.float64)
 
 
 def test_dsd_grouped_b_rejects_bad_shapes(path):

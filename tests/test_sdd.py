@@ -252,12 +252,12 @@ def test_sdd_grouped_b_gradcheck_fp64(case, group):
 
 
 def test_sdd_grouped_cpu_chunked_path(monkeypatch):
-    from blocksparse_moe.cpu import grouped as cpu_grouped
+    from blocksparse_moe.cpu import products as cpu_products
 
-    monkeypatch.setattr(cpu_grouped, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, b = _operands(topo, torch.float64, "cpu")
-    got = cpu_grouped.sdd(a, grouped(b, "cols", 16, "transposed-storage"), *ops._topology_meta(topo), 16)
+    got = cpu_products.sdd(a, grouped(b, "cols", 16, "transposed-storage"), *ops._topology_meta(topo), 16)
     assert_close(got, dense_blocks(_expected(a, b, topo), topo), torch.float64)
 
 

@@ -34,7 +34,7 @@ Where the CPU time goes besides the GEMMs, and what the rectangle path does abou
   added with ``addmm_``, in the rectangles' fixed order: deterministic.
 
 Dense operands are read through an ``Operand``: a 2-D matrix, or a grouped 3-D stack
-(``_grouped.py``, used by ``cpu/grouped.py``) cut at group boundaries, never copied.
+(``_grouped.py``; a 2-D ``b`` is one group) cut at group boundaries, never copied.
 
 Precision: products accumulate in fp32 (fp64 for fp64) and round once. fp16/bf16 GEMMs run
 in fp16/bf16 where the CPU has hardware for them (AVX512-BF16/FP16, AMX: torch's matmul then
@@ -54,6 +54,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .._grouped import grouped_cols, grouped_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements of gathered operands one bmm chunk may hold (x 4-8 bytes): ~64-128 MiB.
@@ -173,6 +175,12 @@ class Operand:
         if self.cols:
             return t[:, lo:lo + n * width].view(t.shape[0], n, width).transpose(0, 1)
         return t[lo:lo + n * width].view(n, width, t.shape[1])
+
+
+def _operand(b: torch.Tensor, along: str) -> Operand:
+    """``b`` as an ``Operand``; one group ``[1, K, N]`` reads as the 2-D matrix ``b[0]``, so
+    neighbouring experts inside it can share one bmm (groups never span two)."""
+    return Operand(b[0] if b.dim() == 3 and b.shape[0] == 1 else b, along)
 
 
 def _runs(segs: List[Segment], bs: int) -> List[Run]:
@@ -442,6 +450,9 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
         a_rows: Optional[torch.Tensor] = None, epilogue: Optional[str] = None) -> torch.Tensor:
     """``data[n] = A[block row row_indices[n]] @ B[:, block column column_indices[n]]``.
 
+    ``b`` is ``B [K, N]``, or grouped ``[G, K, C]`` standing for ``B [K, G*C]`` with
+    ``B[k, g*C + c] = b[g, k, c]``; a 2-D ``b`` is one group.
+
     ``a_rows`` (int32 ``[M]``, -1 = zero row) reads A's rows through an index, like the
     kernel; here that gathers the rows into an ``[M, K]`` copy first.
     """
@@ -452,9 +463,12 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
     nnz = row_indices.numel()
     m = (offsets.numel() - 1) * bs
     n = (offsets_t.numel() - 1) * bs
-    if b.dim() != 2 or a.dim() != 2 or b.shape != (a.shape[1], n) or b.dtype != a.dtype:
-        raise ValueError(f"sdd: expected a [*, K] and b [K, {n}] of one dtype, got a {a.dtype} {tuple(a.shape)} "
-                         f"and b {b.dtype} {tuple(b.shape)}")
+    _, group = grouped_cols("sdd", b, n, bs)
+    if b.dim() == 2:
+        b = b.unsqueeze(0)  # one group: [1, K, N]
+    if a.dim() != 2 or b.shape[1] != a.shape[1] or b.dtype != a.dtype:
+        raise ValueError(f"sdd: expected a [*, K] and b [K, {n}] (or grouped [G, K, {n}/G]) of one dtype, got "
+                         f"a {a.dtype} {tuple(a.shape)} and b {b.dtype} {tuple(b.shape)}")
     if a_rows is None and a.shape[0] != m:
         raise ValueError(f"sdd: a has {a.shape[0]} rows but the topology has {m}")
     if a_rows is not None:
@@ -472,45 +486,60 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
     acc = _acc_dtype(a.dtype)
     segs = rectangles(row_indices, column_indices, offsets)
     if segs is not None:
-        sdd_on_rectangles(a, Operand(b, "cols"), segs, bs, out)
+        sdd_on_rectangles(a, _operand(b, "cols"), segs, bs, out)
         return out
     k = a.shape[1]
-    a_blocks = a.reshape(m // bs, bs, k)                       # views: splitting one dimension
-    b_blocks = b.reshape(k, n // bs, bs).permute(1, 0, 2)
-    rows, cols = row_indices.long(), column_indices.long()
+    a_blocks = a.reshape(m // bs, bs, k)
+    # [G, C/b, K, b]: a view (splitting C), indexed by (group, block column inside it).
+    b_blocks = b.unflatten(2, (group // bs, bs)).permute(0, 2, 1, 3)
+    cols = column_indices.long()
+    gs, cs = cols // (group // bs), cols % (group // bs)
+    rows_idx = row_indices.long()
     for ch in _chunks(nnz, 2 * bs * k):
-        out[ch].copy_(torch.bmm(a_blocks[rows[ch]].to(acc), b_blocks[cols[ch]].to(acc)))
+        out[ch].copy_(torch.bmm(a_blocks[rows_idx[ch]].to(acc), b_blocks[gs[ch], cs[ch]].to(acc)))
     return out
 
 
 # -- DSD / DDS -------------------------------------------------------------------------------
 
-def _dsd_chunks(acc: torch.Tensor, data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor,
-                column_indices: torch.Tensor, transposed: bool) -> None:
-    """``acc = S @ b`` (``S^T @ b``) for any pattern: bmm over chunks of gathered blocks."""
+def _dsd_acc(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
+             offsets: torch.Tensor, offsets_t: torch.Tensor, transposed: bool, group: int,
+             out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``S @ B`` (``S^T @ B``) for grouped ``b [G, R, N]`` (``R = group``) as a row-major buffer
+    (``products.dense_result``, possibly ``out`` itself) for ``products.deliver``."""
     bs = data.shape[1]
-    acc_dtype = acc.dtype
-    m, n = acc.shape
+    acc_dtype = _acc_dtype(data.dtype)
+    m = ((offsets_t if transposed else offsets).numel() - 1) * bs
+    n = b.shape[2]
+    segs = rectangles(row_indices, column_indices, offsets) if row_indices.numel() and n else None
+    if segs is not None:
+        return dsd_on_rectangles(out, (m, n), data, _operand(b, "rows"), segs, transposed)
+    acc = dense_result(out, (m, n), acc_dtype, data.device)
     acc.zero_()
-    # Block i of the product's left operand: data[i] (or data[i]^T) at (out_rows[i], b_rows[i]).
+    if row_indices.numel() == 0 or n == 0:
+        return acc
     if transposed:
         out_rows, b_rows, blocks = column_indices.long(), row_indices.long(), data.transpose(1, 2)
     else:
         out_rows, b_rows, blocks = row_indices.long(), column_indices.long(), data
-    b_blocks = b.reshape(b.shape[0] // bs, bs, n)
+    per = group // bs
+    b_blocks = b.unflatten(1, (per, bs))  # [G, R/b, b, N]: a view
     acc_blocks = acc.view(m // bs, bs, n)
     for ch in _chunks(row_indices.numel(), 2 * bs * n):
-        contrib = torch.bmm(blocks[ch].to(acc_dtype), b_blocks[b_rows[ch]].to(acc_dtype))
+        rb = b_rows[ch]
+        contrib = torch.bmm(blocks[ch].to(acc_dtype), b_blocks[rb // per, rb % per].to(acc_dtype))
         acc_blocks.index_add_(0, out_rows[ch], contrib)
+    return acc
 
 
 def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
         offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
         block_offsets_t: torch.Tensor, transposed: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out = S @ b`` (``S^T @ b`` when ``transposed``), ``S`` given by ``data`` + metadata.
+    """``out = S @ B`` (``S^T @ B`` when ``transposed``), ``S`` given by ``data`` + metadata.
 
-    The transposed form needs no ``*_t`` metadata here: it swaps the roles of
-    ``row_indices`` and ``column_indices`` and transposes each block.
+    ``b`` is ``B [K, N]``, or grouped ``[G, R, N]`` standing for ``B [G*R, N]`` with
+    ``B[g*R + r, n] = b[g, r, n]``. The transposed form needs no ``*_t`` metadata here: it
+    swaps the roles of ``row_indices`` and ``column_indices`` and transposes each block.
     """
     _check_dtype("dsd", data, "s.data")
     bs = data.shape[1]
@@ -518,19 +547,16 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     m = ((offsets_t if transposed else offsets).numel() - 1) * bs
     if data.shape != (row_indices.numel(), bs, bs):
         raise ValueError(f"dsd: data has shape {tuple(data.shape)}, expected ({row_indices.numel()}, {bs}, {bs})")
-    if b.dim() != 2 or b.shape[0] != k or b.dtype != data.dtype:
+    _, group = grouped_rows("dsd", b, k, bs)
+    if b.dim() == 2:
+        b = b.unsqueeze(0)  # one group: [1, K, N]
+    if b.dtype != data.dtype:
         raise ValueError(f"dsd: b must be {data.dtype} with {k} rows, got {b.dtype} {tuple(b.shape)}")
-    n = b.shape[1]
+    n = b.shape[2]
     if out is not None and (out.shape != (m, n) or out.dtype != data.dtype or out.device != data.device):
         raise ValueError(f"dsd: out must be {data.dtype} of shape ({m}, {n}) on {data.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    segs = rectangles(row_indices, column_indices, offsets) if row_indices.numel() and n else None
-    if segs is not None:
-        return deliver(dsd_on_rectangles(out, (m, n), data, Operand(b, "rows"), segs, transposed), data.dtype, out)
-    acc = dense_result(out, (m, n), _acc_dtype(data.dtype), data.device)
-    if row_indices.numel() == 0 or n == 0:
-        return deliver(acc.zero_(), data.dtype, out)
-    _dsd_chunks(acc, data, b, row_indices, column_indices, transposed)
+    acc = _dsd_acc(data, b, row_indices, column_indices, offsets, offsets_t, transposed, group, out)
     return deliver(acc, data.dtype, out)
 
 
