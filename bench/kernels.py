@@ -34,7 +34,6 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -45,20 +44,13 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from blocksparse_moe import backend, ops
-from blocksparse_moe._layer_bench import device_label, time_ms, write_results
+from blocksparse_moe._layer_bench import LayerShape, device_label, time_ms, write_results
 from blocksparse_moe.topology import make_topology
 
 
-@dataclass
-class Shape:
-    name: str
-    tokens: int
-    hidden: int
-    ffn: int
-    experts: int
-    top_k: int
-    block_size: int
-
+# Only the product-relevant fields of LayerShape are used here (no GLU, router or shared expert).
+Shape = LayerShape
+_SHAPE_FIELDS = ("name", "tokens", "hidden", "ffn", "experts", "top_k", "block_size")
 
 GPU_SHAPES = [
     Shape("mixtral-8x7b", 8192, 4096, 14336, 8, 2, 128),
@@ -169,7 +161,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device) -> List[
     rows = []
     for op in OPS:
         ms = time_ms(ours[op], device)
-        row = {**asdict(shape), "padded_rows": p, "nnz_blocks": topo.nnz, "dtype": str(dtype).split(".")[-1],
+        row = {**{f: getattr(shape, f) for f in _SHAPE_FIELDS}, "padded_rows": p, "nnz_blocks": topo.nnz, "dtype": str(dtype).split(".")[-1],
                "op": op, "ms": ms, "useful_tflops": useful / ms / 1e9}
         for name, fns in (("bmm", bmm), ("dense", dense), ("stk", stk_fns)):
             if op in fns:
