@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from . import backend
     from ._layer_bench import (CPU_SHAPES, GPU_SHAPES, build_layer, check_layer, device_label, peak_memory,
                                scaled, time_layer, tolerance_table)
-    from ._native import native_status
+    from .native import native_status
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -40,26 +40,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._library import custom_op
+from .routing import checked_expert_ids
 
 SCORES = ("softmax", "sigmoid")
-
-
-def _checked_expert_ids_fake(expert_indices, num_experts):
-    return expert_indices.new_empty(expert_indices.shape, dtype=torch.int64)
-
-
-@custom_op("router_expert_ids", _checked_expert_ids_fake)
-def _checked_expert_ids(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Given expert ids as a contiguous int64 copy, once each lies in ``[0, E)``.
-
-    The range check reads the data (a host read): an op, so torch.compile does not trace it.
-    """
-    if expert_indices.numel():
-        lo, hi = int(expert_indices.min()), int(expert_indices.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"Router: expert_indices must lie in [0, {num_experts}), got [{lo}, {hi}]")
-    return expert_indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
 @dataclass
@@ -206,7 +189,7 @@ class Router(nn.Module):
                 raise ValueError(f"Router: expert_indices must be [{t}, {self.top_k}], got {tuple(expert_indices.shape)}")
             if expert_indices.device != x.device:
                 raise ValueError(f"Router: expert_indices is on {expert_indices.device} but x is on {x.device}")
-            forced = _checked_expert_ids(expert_indices, self.num_experts)
+            forced = checked_expert_ids("Router", expert_indices, self.num_experts)
         if self.training and self.jitter_noise > 0:
             eps = self.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)

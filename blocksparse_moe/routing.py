@@ -24,11 +24,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._library import custom_op
-from .topology import Topology, check_block_size
+from . import native
+from .library import custom_op
+from .native.fallback import ROUTE_FIELDS
+from .topology import Topology, check_block_size, make_topology, padded_block_rows
 
 _INT32_MAX = 2**31 - 1
-ROUTE_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,31 @@ def check_route_args(expert_indices: torch.Tensor, num_experts: int, block_size:
                          "range of the routing indices")
 
 
+def _checked_expert_ids_fake(expert_indices, num_experts, op):
+    return expert_indices.new_empty(expert_indices.shape, dtype=torch.int64)
+
+
+@custom_op("checked_expert_ids", _checked_expert_ids_fake)
+def _checked_expert_ids(expert_indices: torch.Tensor, num_experts: int, op: str) -> torch.Tensor:
+    if expert_indices.numel():
+        lo, hi = torch.aminmax(expert_indices)
+        lo, hi = torch.stack([lo, hi]).tolist()  # the one host read
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{op}: expert_indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    return expert_indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
+
+
+def checked_expert_ids(op: str, expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """A contiguous int64 copy of caller-given expert ids, once each lies in ``[0, E)``.
+
+    THE range check of expert ids, and the only host read of the routing (a synchronisation
+    on a GPU): ids from a caller must not send a kernel out of bounds. Ids that are in range
+    by construction (a router's top-k) skip it. It is an op, so torch.compile does not trace
+    into the read.
+    """
+    return _checked_expert_ids(expert_indices, num_experts, op)
+
+
 def _route_fake(expert_indices, num_experts, block_size):
     n = expert_indices.numel()
     sizes = (n, n, num_experts, num_experts, num_experts, n, n)  # ROUTE_FIELDS order
@@ -98,38 +124,9 @@ def _route_fake(expert_indices, num_experts, block_size):
 @custom_op("route", _route_fake)
 def _route(expert_indices: torch.Tensor, num_experts: int, block_size: int
            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The routing fields in ``ROUTE_FIELDS`` order; checks the expert-id range first.
-
-    The range check reads the data (one host read, a synchronization on CUDA), so it lives
-    here, inside the op, where torch.compile does not trace it.
-    """
-    if expert_indices.numel():
-        lo, hi = torch.aminmax(expert_indices)
-        lo, hi = torch.stack([lo, hi]).tolist()
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"route: expert_indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
-    from . import _native
-
-    r = _native.route(expert_indices, num_experts, block_size)
+    """The routing fields in ``ROUTE_FIELDS`` order (ids already range-checked)."""
+    r = native.route(expert_indices, num_experts, block_size)
     return tuple(r[name] for name in ROUTE_FIELDS)
-
-
-def _padded_block_rows_fake(padded_bins, block_size):
-    return torch.library.get_ctx().new_dynamic_size()
-
-
-@custom_op("padded_block_rows", _padded_block_rows_fake)
-def padded_block_rows(padded_bins: torch.Tensor, block_size: int) -> int:
-    """``P / block_size`` for ``P = padded_bins[-1]`` (one host read on a GPU).
-
-    Under torch.compile this is an unbacked size; it counts block rows rather than rows so
-    that the compiler knows ``P`` is a multiple of the block size.
-    """
-    p = int(padded_bins[-1]) if padded_bins.numel() else 0
-    if p < 0 or p % block_size:
-        raise ValueError(f"padded_block_rows: padded_bins[-1] = {p} is not a non-negative multiple of "
-                         f"block_size {block_size}")
-    return p // block_size
 
 
 def route(expert_indices: torch.Tensor, num_experts: int, block_size: int, *,
@@ -145,11 +142,10 @@ def route(expert_indices: torch.Tensor, num_experts: int, block_size: int, *,
     """
     check_route_args(expert_indices, num_experts, block_size)
     top_k = expert_indices.shape[1]
-    r = dict(zip(ROUTE_FIELDS, _route(expert_indices, num_experts, block_size)))
+    ids = checked_expert_ids("route", expert_indices, num_experts)
+    r = dict(zip(ROUTE_FIELDS, _route(ids, num_experts, block_size)))
     topo = padded = None
     if ffn_hidden_size is not None:
-        from .topology import make_topology
-
         topo = make_topology(r["padded_bins"], num_experts, ffn_hidden_size, block_size)
         padded = topo.shape[0]
     elif torch.compiler.is_compiling():
@@ -157,25 +153,3 @@ def route(expert_indices: torch.Tensor, num_experts: int, block_size: int, *,
         padded = padded_block_rows(r["padded_bins"], block_size) * block_size
     return Routing(num_experts=num_experts, top_k=top_k, block_size=block_size, topology=topo,
                    known_padded_tokens=padded, **r)
-
-
-def route_torch(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> dict:
-    """Pure-torch routing (fallback when ``_C`` is missing); returns the int32 fields."""
-    flat = expert_indices.reshape(-1).to(torch.int64)
-    n = flat.numel()
-    device = flat.device
-    i32 = torch.int32
-    tpe = torch.bincount(flat, minlength=num_experts)
-    bins = torch.cumsum(tpe, 0)
-    padded = (tpe + block_size - 1) // block_size * block_size
-    padded_bins = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
-    bin_ids = flat[order]
-    rows = torch.empty(n, dtype=torch.int64, device=device)
-    rows[order] = torch.arange(n, device=device)
-    group_start = bins - tpe
-    padded_start = padded_bins - padded
-    padded_rows = torch.empty_like(rows)
-    padded_rows[order] = torch.arange(n, device=device) - group_start[bin_ids] + padded_start[bin_ids]
-    return dict(indices=order.to(i32), bin_ids=bin_ids.to(i32), tokens_per_expert=tpe.to(i32), bins=bins.to(i32),
-                padded_bins=padded_bins.to(i32), rows=rows.to(i32), padded_rows=padded_rows.to(i32))

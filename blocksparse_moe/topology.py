@@ -24,11 +24,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._library import custom_op
+from . import native
+from .library import custom_op
+from .native.fallback import TOPOLOGY_FIELDS as _FIELDS
+from .native.fallback import coo_fields
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
-_FIELDS = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> None:
@@ -138,31 +140,8 @@ class Topology:
         if torch.unique(key).numel() != key.numel():
             raise ValueError("from_block_coo: duplicate blocks")
         order = torch.argsort(key, stable=True)
-        return _from_sorted_coo(rows[order], cols[order], (m, n), block_size)
-
-
-def _from_sorted_coo(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], block_size: int) -> Topology:
-    """Topology from row-major sorted block coordinates (int64), with the transposed metadata."""
-    m, n = shape
-    device = rows.device
-    nbr, nbc = m // block_size, n // block_size
-    offsets = torch.zeros(nbr + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=nbr), 0)
-    # A stable sort by column keeps blocks of one column in row order.
-    block_offsets_t = torch.argsort(cols, stable=True)
-    offsets_t = torch.zeros(nbc + 1, dtype=torch.int64, device=device)
-    offsets_t[1:] = torch.cumsum(torch.bincount(cols, minlength=nbc), 0)
-    i32 = torch.int32
-    return Topology(
-        row_indices=rows.to(i32).contiguous(),
-        column_indices=cols.to(i32).contiguous(),
-        offsets=offsets.to(i32),
-        column_indices_t=rows[block_offsets_t].to(i32).contiguous(),
-        offsets_t=offsets_t.to(i32),
-        block_offsets_t=block_offsets_t.to(i32).contiguous(),
-        shape=(m, n),
-        block_size=block_size,
-    )
+        return Topology(**coo_fields(rows[order], cols[order], (m, n), block_size), shape=(m, n),
+                        block_size=block_size)
 
 
 def check_make_topology_args(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
@@ -189,6 +168,24 @@ def check_make_topology_args(padded_bins: torch.Tensor, num_experts: int, ffn_hi
         raise ValueError(f"make_topology: padded_bins is on unsupported device {padded_bins.device}")
 
 
+def _padded_block_rows_fake(padded_bins, block_size):
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+@custom_op("padded_block_rows", _padded_block_rows_fake)
+def padded_block_rows(padded_bins: torch.Tensor, block_size: int) -> int:
+    """``P / block_size`` for ``P = padded_bins[-1]`` (one host read on a GPU).
+
+    Under torch.compile this is an unbacked size; it counts block rows rather than rows so
+    that the compiler knows ``P`` is a multiple of the block size.
+    """
+    p = int(padded_bins[-1]) if padded_bins.numel() else 0
+    if p < 0 or p % block_size:
+        raise ValueError(f"padded_block_rows: padded_bins[-1] = {p} is not a non-negative multiple of "
+                         f"block_size {block_size}")
+    return p // block_size
+
+
 def _topology_fake(padded_bins, num_experts, ffn_hidden_size, block_size, padded_tokens):
     # make_topology passes P under compile (see there); a direct call without it gets an
     # unbacked row count (allowed with fullgraph=True).
@@ -211,12 +208,10 @@ def _topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
     ``padded_tokens`` (``P``, or None) gives the fake its sizes; the native build reads and
     validates ``padded_bins`` itself, and a ``P`` that disagrees with it is an error.
     """
-    from . import _native  # local: _native imports this module
-
-    topo = _native.make_topology(padded_bins, num_experts, ffn_hidden_size, block_size)
-    if padded_tokens is not None and topo.shape[0] != padded_tokens:
-        raise ValueError(f"make_topology: padded_tokens={padded_tokens} but padded_bins[-1] = {topo.shape[0]}")
-    return tuple(getattr(topo, name) for name in _FIELDS)
+    fields, p = native.make_topology(padded_bins, num_experts, ffn_hidden_size, block_size)
+    if padded_tokens is not None and p != padded_tokens:
+        raise ValueError(f"make_topology: padded_tokens={padded_tokens} but padded_bins[-1] = {p}")
+    return tuple(fields[name] for name in _FIELDS)
 
 
 def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int, *,
@@ -240,8 +235,6 @@ def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: 
         if torch.compiler.is_compiling():
             # P sizes every output: under compile it comes from a scalar op, as an unbacked
             # size the fake can use (eager mode reads it inside the native build instead).
-            from .routing import padded_block_rows  # local: routing imports this module
-
             padded_tokens = padded_block_rows(padded_bins, block_size) * block_size
     elif isinstance(padded_tokens, bool) or not isinstance(padded_tokens, (int, torch.SymInt)):
         raise TypeError(f"make_topology: padded_tokens must be an int or None, got {type(padded_tokens).__name__}")
@@ -251,23 +244,3 @@ def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: 
     meta = _topology(padded_bins, num_experts, ffn_hidden_size, block_size, padded_tokens)
     rows = meta[_FIELDS.index("offsets")].numel() - 1
     return Topology(*meta, shape=(rows * block_size, num_experts * ffn_hidden_size), block_size=block_size)
-
-
-def make_topology_torch(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
-                        block_size: int) -> Topology:
-    """Pure-torch build of :func:`make_topology` (the fallback when ``_C`` is missing)."""
-    b = block_size
-    fb = ffn_hidden_size // b
-    pb = padded_bins.to(torch.int64)
-    device = pb.device
-    p = int(pb[-1]) if pb.numel() else 0
-    starts = torch.cat([pb.new_zeros(1), pb[:-1]])
-    lengths = pb - starts
-    if bool((lengths < 0).any()) or bool((pb % b != 0).any()):
-        raise ValueError(f"make_topology: padded_bins must be non-decreasing multiples of block_size ({b}), "
-                         f"got P = padded_bins[-1] = {p}")
-    rows_per_expert = lengths // b
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=device), rows_per_expert)
-    rows = torch.arange(p // b, device=device).repeat_interleave(fb)
-    cols = (expert_of_row[:, None] * fb + torch.arange(fb, device=device)[None, :]).reshape(-1)
-    return _from_sorted_coo(rows, cols, (p, num_experts * ffn_hidden_size), b)

@@ -19,8 +19,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from blocksparse_moe import backend, ops
+from blocksparse_moe.ops import products, permute as permute_ops, activation as activation_ops
 from blocksparse_moe.moe import DroplessMoE
-from blocksparse_moe.router import _checked_expert_ids
+from blocksparse_moe import routing as routing_mod
 from blocksparse_moe.routing import _route, padded_block_rows, route
 from blocksparse_moe.topology import _topology, make_topology
 from product_cases import arbitrary_topology, moe_topology
@@ -56,7 +57,7 @@ def _routing_samples():
         pytest.param(padded_block_rows.op, (r.padded_bins, 16), id="padded_block_rows"),
         pytest.param(_topology.op, (pb, 3, 32, 16, 48), id="topology"),
         pytest.param(_topology.op, (pb.new_zeros(2), 2, 64, 32, 0), id="topology-no-tokens"),
-        pytest.param(_checked_expert_ids.op, (ids.to(torch.int32), 4), id="router_expert_ids"),
+        pytest.param(routing_mod._checked_expert_ids.op, (ids.to(torch.int32), 4, "Router"), id="checked_expert_ids"),
     ]
 
 
@@ -66,7 +67,7 @@ def test_opcheck_routing_ops(op, args):
 
 
 def _product_samples(device):
-    meta = ops._topology_meta
+    meta = products._meta
     out = {}
     for name, topo in (("moe", moe_topology([5, 0, 20], 32, 16).to(device)), ("coo", arbitrary_topology().to(device))):
         (m, n), b = topo.shape, topo.block_size
@@ -79,16 +80,16 @@ def _product_samples(device):
         gd = torch.randn(n // b, 20, b, generator=_gen(11)).to(device).transpose(1, 2)
         gdt = torch.randn(m // b, 20, b, generator=_gen(12)).to(device).transpose(1, 2)
         out.update({
-            f"sdd-grouped-{name}": (ops._sdd_op.op, (a, gb, *meta(topo), b)),
-            f"dsd-grouped-{name}": (ops._dsd_op.op, (data, gd, *meta(topo), False)),
-            f"dsd-grouped-transposed-{name}": (ops._dsd_op.op, (data, gdt, *meta(topo), True)),
+            f"sdd-grouped-{name}": (products._product.op, ("sdd", a, gb, *meta(topo), b)),
+            f"dsd-grouped-{name}": (products._product.op, ("dsd", data, gd, *meta(topo), False)),
+            f"dsd-grouped-transposed-{name}": (products._product.op, ("dsd", data, gdt, *meta(topo), True)),
         })
         out.update({
-            f"sdd-{name}": (ops._sdd_op.op, (a, bt, *meta(topo), b)),
-            f"dsd-{name}": (ops._dsd_op.op, (data, torch.randn(n, 20).to(device), *meta(topo), False)),
-            f"dsd-transposed-{name}": (ops._dsd_op.op, (data, torch.randn(m, 20).to(device), *meta(topo), True)),
-            f"dds-{name}": (ops._dds_op.op, (torch.randn(20, m).to(device), data, *meta(topo), False)),
-            f"dds-transposed-{name}": (ops._dds_op.op, (torch.randn(20, n).to(device), data, *meta(topo), True)),
+            f"sdd-{name}": (products._product.op, ("sdd", a, bt, *meta(topo), b)),
+            f"dsd-{name}": (products._product.op, ("dsd", data, torch.randn(n, 20).to(device), *meta(topo), False)),
+            f"dsd-transposed-{name}": (products._product.op, ("dsd", data, torch.randn(m, 20).to(device), *meta(topo), True)),
+            f"dds-{name}": (products._product.op, ("dds", torch.randn(20, m).to(device), data, *meta(topo), False)),
+            f"dds-transposed-{name}": (products._product.op, ("dds", torch.randn(20, n).to(device), data, *meta(topo), True)),
         })
     return out
 
@@ -100,14 +101,14 @@ def _permute_samples(device):
     x = torch.randn(11, h, generator=_gen(5)).to(device)
     y = torch.randn(p, h, generator=_gen(6)).to(device)
     w = torch.rand(11, k, generator=_gen(7)).to(device)
-    row_slots = ops._permute_invert_rows(r.padded_rows, p)
+    row_slots = permute_ops._permute_invert_rows(r.padded_rows, p)
     return {
-        "invert_rows": (ops._permute_invert_rows.op, (r.padded_rows, p)),
-        "gather": (ops._permute_gather.op, (x, row_slots, k, None)),
-        "gather-weighted": (ops._permute_gather.op, (x, row_slots, k, w)),
-        "scatter": (ops._permute_scatter.op, (y, r.padded_rows, k, None)),
-        "scatter-weighted": (ops._permute_scatter.op, (y, r.padded_rows, k, w)),
-        "scatter_wgrad": (ops._permute_scatter_wgrad.op, (x, y, r.padded_rows, k, F32)),
+        "invert_rows": (permute_ops._permute_invert_rows.op, (r.padded_rows, p)),
+        "gather": (permute_ops._permute_gather.op, (x, row_slots, k, None)),
+        "gather-weighted": (permute_ops._permute_gather.op, (x, row_slots, k, w)),
+        "scatter": (permute_ops._permute_scatter.op, (y, r.padded_rows, k, None)),
+        "scatter-weighted": (permute_ops._permute_scatter.op, (y, r.padded_rows, k, w)),
+        "scatter_wgrad": (permute_ops._permute_scatter_wgrad.op, (x, y, r.padded_rows, k, F32)),
     }
 
 
@@ -116,11 +117,11 @@ def _activation_samples(device):
     gate, up = packed[:, :40], packed[:, 40:]  # the packed GLU's halves: row stride 80
     dout = torch.randn(3, 40, generator=_gen(9)).to(device)
     return {
-        "glu_forward-silu-strided": (ops._glu_forward.op, (gate, up, 0)),
-        "glu_forward-gelu-no-up": (ops._glu_forward.op, (dout, None, 1)),
-        "glu_backward-gelu_tanh": (ops._glu_backward.op, (dout, gate, up, 2)),
-        "glu_backward-relu-no-up": (ops._glu_backward.op, (dout, gate, None, 3)),
-        "glu_backward_packed": (ops._glu_backward_packed.op, (dout, packed, 0)),
+        "glu_forward-silu-strided": (activation_ops._glu_forward.op, (gate, up, 0)),
+        "glu_forward-gelu-no-up": (activation_ops._glu_forward.op, (dout, None, 1)),
+        "glu_backward-gelu_tanh": (activation_ops._glu_backward.op, (dout, gate, up, 2)),
+        "glu_backward-relu-no-up": (activation_ops._glu_backward.op, (dout, gate, None, 3)),
+        "glu_backward_packed": (activation_ops._glu_backward_packed.op, (dout, packed, 0)),
     }
 
 
@@ -251,7 +252,7 @@ def test_compiled_layer_checks_expert_ids():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     ids = torch.zeros(8, 2, dtype=torch.long)
     ids[3, 1] = 4
-    with pytest.raises(ValueError, match=r"Router: expert_indices must lie in \[0, 4\), got \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"Router: expert_indices must lie in \[0, 4\), got values in \[0, 4\]"):
         compiled(torch.randn(8, H), ids)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from blocksparse_moe import ops
+from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.topology import Topology
 from product_cases import moe_topology, randn
@@ -26,7 +27,7 @@ MOE = [
 
 
 def _meta(topo):
-    return ops._topology_meta(topo)
+    return products._meta(topo)
 
 
 def _scatter_blocks(topo, data):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocksparse_moe import backend, ops
+from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.matrix import SparseMatrix
 from product_cases import GROUPED_LAYOUTS, case_params, grouped, moe_topology, randn, sparse_scale, topology
@@ -59,7 +60,7 @@ def test_dds_writes_every_element(path, case, transposed):
     topo = topology(case, path)
     a, s = _operands(topo, transposed, torch.float32, path)
     out = poisoned((M, s.shape[1]), torch.float32, path)
-    got = ops._dds_impl(a, s.data, topo, transposed, out=out)
+    got = products._dds(a, s.data, topo, transposed, out=out)
     assert got is out
     assert_close(out, _expected(a, s), torch.float32, msg=f"dds poisoned {case}")
 
@@ -68,7 +69,7 @@ def test_dds_strided_output(path):
     topo = topology("moe-ragged-empty-expert-b16", path)
     a, s = _operands(topo, False, torch.float32, path)
     out = poisoned((s.shape[1], M), torch.float32, path).t()
-    ops._dds_impl(a, s.data, topo, False, out=out)
+    products._dds(a, s.data, topo, False, out=out)
     assert_close(out, _expected(a, s), torch.float32, msg="dds column-major out")
 
 
@@ -77,7 +78,7 @@ def test_dds_cpu_chunked_path(monkeypatch, transposed):
     monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, s = _operands(topo, transposed, torch.float64, "cpu")
-    got = cpu_products.dds(a, s.data, *ops._topology_meta(topo), transposed)
+    got = cpu_products.dds(a, s.data, *products._meta(topo), transposed)
     assert_close(got, _expected(a, s), torch.float64)
 
 
@@ -138,7 +139,7 @@ def test_dds_rejects_bad_arguments(path):
         ops.dds(a, s.t())
     with pytest.raises(TypeError, match="dds: a is torch.float16 but s.data is torch.float32"):
         ops.dds(a.half(), s)
-    with pytest.raises(ValueError, match="dds: a is on meta but s.data is on cpu"):
+    with pytest.raises(ValueError, match="dds: a is on unsupported device 'meta'"):
         ops.dds(a.to("meta"), SparseMatrix(topo.to("cpu"), s.data.cpu()))
 
 

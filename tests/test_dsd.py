@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocksparse_moe import backend, ops
+from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.matrix import SparseMatrix
 from product_cases import GROUPED_LAYOUTS, case_params, grouped, moe_topology, randn, sparse_scale, topology
@@ -58,7 +59,7 @@ def test_dsd_writes_every_element(path, case, transposed):
     topo = topology(case, path)
     s, b = _operands(topo, transposed, torch.float32, path)
     out = poisoned((s.shape[0], N), torch.float32, path)
-    got = ops._dsd_impl(s.data, b, topo, transposed, out=out)
+    got = products._dsd(s.data, b, topo, transposed, out=out)
     assert got is out
     assert_close(out, _expected(s, b), torch.float32, msg=f"dsd poisoned {case}")
 
@@ -67,7 +68,7 @@ def test_dsd_strided_output(path):
     topo = topology("moe-ragged-empty-expert-b16", path)
     s, b = _operands(topo, False, torch.float32, path)
     out = poisoned((N, s.shape[0]), torch.float32, path).t()  # column-major [M, N]
-    ops._dsd_impl(s.data, b, topo, False, out=out)
+    products._dsd(s.data, b, topo, False, out=out)
     assert_close(out, _expected(s, b), torch.float32, msg="dsd column-major out")
 
 
@@ -99,7 +100,7 @@ def test_dsd_cpu_chunked_path(monkeypatch, transposed):
     monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     s, b = _operands(topo, transposed, torch.float64, "cpu")
-    got = cpu_products.dsd(s.data, b, *ops._topology_meta(topo), transposed)
+    got = cpu_products.dsd(s.data, b, *products._meta(topo), transposed)
     assert_close(got, _expected(s, b), torch.float64)
 
 
@@ -147,7 +148,7 @@ def test_dsd_rejects_bad_arguments(path):
         ops.dsd(s.t(), b)
     with pytest.raises(TypeError, match="dsd: s.data is torch.float32 but b is torch.bfloat16"):
         ops.dsd(s, b.bfloat16())
-    with pytest.raises(ValueError, match="dsd: s.data is on cpu but b is on meta"):
+    with pytest.raises(ValueError, match="dsd: b is on unsupported device 'meta'"):
         ops.dsd(SparseMatrix(topo.to("cpu"), s.data.cpu()), b.to("meta"))
     bad = SparseMatrix(topo, s.data)
     bad.data = s.data[:, :8, :8]  # data swapped behind the constructor's back: block size 8 != 16
@@ -192,7 +193,7 @@ def test_dsd_grouped_b_writes_every_element(path, case, transposed, layout):
     s, b = _operands(topo, transposed, torch.float32, path)
     out = poisoned((s.shape[0], N), torch.float32, path)
     w = grouped(b, "rows", topo.block_size, layout)
-    assert ops._dsd_impl(s.data, w, topo, transposed, out=out) is out
+    assert products._dsd(s.data, w, topo, transposed, out=out) is out
     assert_close(out, _expected(s, b), torch.float32, msg=f"dsd grouped poisoned {case}")
 
 
@@ -239,7 +240,7 @@ def test_dsd_grouped_cpu_chunked_path(monkeypatch, transposed):
     topo = topology("coo-arbitrary-b16", "cpu")
     s, b = _operands(topo, transposed, torch.float64, "cpu")
     w = grouped(b, "rows", 16, "transposed-storage")
-    assert_close(cpu_products.dsd(s.data, w, *ops._topology_meta(topo), transposed), _expected(s, b), torch.float64)
+    assert_close(cpu_products.dsd(s.data, w, *products._meta(topo), transposed), _expected(s, b), torch.float64)
 
 
 def test_dsd_grouped_b_rejects_bad_shapes(path):

@@ -18,10 +18,16 @@ import pytest
 import torch
 
 import blocksparse_moe as bm
-from blocksparse_moe import _native
-from blocksparse_moe.routing import route_torch
-from blocksparse_moe.topology import _FIELDS, make_topology_torch
+from blocksparse_moe import native as _native
+from blocksparse_moe.native.fallback import route_torch
 from routing_cases import CASES, ID_DTYPES, Case
+from blocksparse_moe.native.fallback import TOPOLOGY_FIELDS as _FIELDS
+from blocksparse_moe.native.fallback import topology_torch
+
+
+def make_topology_torch(padded_bins, num_experts, ffn, b):
+    fields, p = topology_torch(padded_bins, num_experts, ffn, b)
+    return bm.Topology(**fields, shape=(p, num_experts * ffn), block_size=b)
 
 ROUTE_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
 MANIFEST = Path(__file__).resolve().parents[1] / "third_party" / "manifest.json"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blocksparse_moe as bm
-from blocksparse_moe.routing import route_torch
+from blocksparse_moe.native.fallback import route_torch
 from routing_cases import CASES, ID_DTYPES, Case
 
 FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
@@ -165,7 +165,7 @@ def test_native_op_rejects_out_of_range_itself():
     # any output is written.
     if not bm.native_status()["cpu_ops"]:
         pytest.skip("blocksparse_moe._C not built")
-    from blocksparse_moe import _native
+    from blocksparse_moe import native as _native
 
     for bad in (-1, 5):
         with pytest.raises(ValueError, match="expert_indices"):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blocksparse_moe import backend, ops
+from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
 from blocksparse_moe.matrix import SparseMatrix
 from product_cases import GROUPED_LAYOUTS, case_params, dense_blocks, grouped, moe_topology, randn, topology
@@ -52,7 +53,7 @@ def test_sdd_writes_every_element(path, case):
     topo = topology(case, path)
     a, b = _operands(topo, torch.float32, path)
     out = poisoned((topo.nnz, topo.block_size, topo.block_size), torch.float32, path)
-    got = ops._sdd_impl(a, b, topo, out=out)
+    got = products._sdd(a, b, topo, out=out)
     assert got is out
     assert_close(out, dense_blocks(_expected(a, b, topo), topo), torch.float32, msg=f"sdd poisoned {case}")
 
@@ -62,7 +63,7 @@ def test_sdd_strided_output(path):
     topo = topology("moe-b64", path)
     a, b = _operands(topo, torch.float32, path)
     out = poisoned((topo.nnz, 64, 64), torch.float32, path).transpose(1, 2)
-    ops._sdd_impl(a, b, topo, out=out)
+    products._sdd(a, b, topo, out=out)
     assert_close(out, dense_blocks(_expected(a, b, topo), topo), torch.float32, msg="sdd strided out")
 
 
@@ -78,7 +79,7 @@ def test_sdd_gathers_a_rows(path, dtype):
     a_rows = a_rows.to(path)
     _, b = _operands(topo, dtype, path)
     out = poisoned((topo.nnz, 16, 16), dtype, path)
-    ops._sdd_impl(x, b, topo, out=out, a_rows=a_rows)
+    products._sdd(x, b, topo, out=out, a_rows=a_rows)
     a = torch.where((a_rows >= 0)[:, None], x[a_rows.clamp(min=0).long()], torch.zeros((), dtype=dtype))
     assert_close(out, dense_blocks(_expected(a, b, topo), topo), dtype, msg="sdd a_rows")
 
@@ -88,7 +89,7 @@ def test_sdd_cpu_chunked_path(monkeypatch):
     monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, b = _operands(topo, torch.float64, "cpu")
-    meta = ops._topology_meta(topo)
+    meta = products._meta(topo)
     assert cpu_products.rectangles(topo.row_indices, topo.column_indices, topo.offsets) is None
     got = cpu_products.sdd(a, b, *meta, 16)
     assert_close(got, dense_blocks(_expected(a, b, topo), topo), torch.float64)
@@ -141,7 +142,7 @@ def test_sdd_rejects_bad_arguments(path):
         ops.sdd(a, b, topo.to_dense_mask())
     with pytest.raises(ValueError, match="sdd: a is on cpu but the topology is on meta"):
         ops.sdd(a.cpu(), b.cpu(), topo.to("meta"))
-    with pytest.raises(ValueError, match="sdd: a is on cpu but b is on meta"):
+    with pytest.raises(ValueError, match="sdd: b is on unsupported device 'meta'"):
         ops.sdd(a.cpu(), b.to("meta"), topo.to("cpu"))
 
 
@@ -202,7 +203,7 @@ def test_sdd_grouped_b_writes_every_element(path, case, group, layout):
     topo = topology(case, path)
     a, b = _operands(topo, torch.float32, path)
     out = poisoned((topo.nnz, topo.block_size, topo.block_size), torch.float32, path)
-    assert ops._sdd_impl(a, grouped(b, "cols", group, layout), topo, out=out) is out
+    assert products._sdd(a, grouped(b, "cols", group, layout), topo, out=out) is out
     assert_close(out, dense_blocks(_expected(a, b, topo), topo), torch.float32, msg=f"sdd grouped poisoned {case}")
 
 
@@ -215,7 +216,7 @@ def test_sdd_grouped_b_with_a_rows(path):
     a_rows = a_rows.to(path)
     _, b = _operands(topo, torch.float32, path)
     out = poisoned((topo.nnz, 16, 16), torch.float32, path)
-    ops._sdd_impl(x, grouped(b, "cols", 32, "contiguous"), topo, out=out, a_rows=a_rows)
+    products._sdd(x, grouped(b, "cols", 32, "contiguous"), topo, out=out, a_rows=a_rows)
     a = torch.where((a_rows >= 0)[:, None], x[a_rows.clamp(min=0).long()], torch.zeros(()))
     assert_close(out, dense_blocks(_expected(a, b, topo), topo), torch.float32, msg="sdd grouped a_rows")
 
@@ -257,7 +258,7 @@ def test_sdd_grouped_cpu_chunked_path(monkeypatch):
     monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, b = _operands(topo, torch.float64, "cpu")
-    got = cpu_products.sdd(a, grouped(b, "cols", 16, "transposed-storage"), *ops._topology_meta(topo), 16)
+    got = cpu_products.sdd(a, grouped(b, "cols", 16, "transposed-storage"), *products._meta(topo), 16)
     assert_close(got, dense_blocks(_expected(a, b, topo), topo), torch.float64)
 
 

@@ -14,8 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blocksparse_moe as bm
-from blocksparse_moe.topology import _FIELDS, make_topology_torch
 from routing_cases import CASES, Case
+from blocksparse_moe.native.fallback import TOPOLOGY_FIELDS as _FIELDS
+from blocksparse_moe.native.fallback import topology_torch
+
+
+def make_topology_torch(padded_bins, num_experts, ffn, b):
+    fields, p = topology_torch(padded_bins, num_experts, ffn, b)
+    return bm.Topology(**fields, shape=(p, num_experts * ffn), block_size=b)
 
 
 def plain_block_mask(padded_bins: list, ffn_hidden_size: int, block_size: int) -> list:

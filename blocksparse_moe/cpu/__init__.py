@@ -1,5 +1,12 @@
-"""CPU implementations (torch, no Triton) of the products and permutes.
+"""The CPU back end: the same named functions as ``kernels/`` (see ``backend.Implementation``).
 
-These are what users get on CPU tensors when ``TRITON_INTERPRET`` is unset; ``ops.py``
-reaches them only through ``backend.select``.
+This is what users get on CPU tensors when ``TRITON_INTERPRET`` is unset; the ops reach it
+only through ``backend.impl``. It is a real CPU implementation (batched torch matmuls,
+whatever the CPU does best), not a test double.
 """
+
+from .activation import glu_backward, glu_forward
+from .permute import gather, invert_rows, scatter, scatter_wgrad
+from .products import dds, dsd, sdd
+
+__all__ = ["dds", "dsd", "gather", "glu_backward", "glu_forward", "invert_rows", "scatter", "scatter_wgrad", "sdd"]

@@ -34,7 +34,7 @@ Where the CPU time goes besides the GEMMs, and what the rectangle path does abou
   added with ``addmm_``, in the rectangles' fixed order: deterministic.
 
 Dense operands are read through an ``Operand``: a 2-D matrix, or a grouped 3-D stack
-(``_grouped.py``; a 2-D ``b`` is one group) cut at group boundaries, never copied.
+(``grouped.py``; a 2-D ``b`` is one group) cut at group boundaries, never copied.
 
 Precision: products accumulate in fp32 (fp64 for fp64) and round once. fp16/bf16 GEMMs run
 in fp16/bf16 where the CPU has hardware for them (AVX512-BF16/FP16, AMX: torch's matmul then
@@ -55,7 +55,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._grouped import grouped_cols, grouped_rows
+from ..grouped import grouped_cols, grouped_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements of gathered operands one bmm chunk may hold (x 4-8 bytes): ~64-128 MiB.
@@ -137,7 +137,7 @@ class Operand:
     """A dense operand read in slices along one dimension: ``"cols"`` (SDD's ``b [K, N]``,
     DDS's ``a [M, K]``) or ``"rows"`` (DSD's ``b [K, N]``), as a 2-D matrix or a grouped
     3-D stack (``[G, K, C]`` along its columns, ``[G, R, N]`` along its rows; see
-    ``_grouped.py``) that stands for the groups side by side. Only views are made."""
+    ``grouped.py``) that stands for the groups side by side. Only views are made."""
 
     def __init__(self, t: torch.Tensor, along: str):
         self.t, self.cols = t, along == "cols"

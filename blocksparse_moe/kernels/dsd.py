@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._grouped import grouped_rows
+from ..grouped import grouped_rows
 from . import _common
 
 

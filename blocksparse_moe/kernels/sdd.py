@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._grouped import grouped_cols
+from ..grouped import grouped_cols
 from . import _common
 
 

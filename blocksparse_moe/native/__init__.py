@@ -1,15 +1,21 @@
-"""Thin wrappers over the native extension ``blocksparse_moe._C`` (routing and topology).
+"""The only door to the native extension ``blocksparse_moe._C`` (routing and topology).
+
+This package loads ``_C``, reports what it provides (:func:`native_status`), and runs its
+routing and topology ops, or their torch fallbacks (``native/fallback.py``). It returns plain
+dicts of int32 tensors; ``routing.py`` and ``topology.py`` wrap them in ``Routing`` and
+``Topology``. It imports only ``backend`` from the package, so nothing imports in a circle.
 
 The extension does not link libtorch: Python allocates every output with torch and passes
 raw addresses (``data_ptr()``), sizes and, on CUDA, ``torch.cuda.current_stream().cuda_stream``.
 ``_C`` is imported lazily on the first call (no import-time work, no device probing).
 
-Dispatch is by device only: CPU tensors run the C++ CPU ops, CUDA tensors the CUDA ops.
-Routing has no Triton kernels, so ``TRITON_INTERPRET`` / ``backend.select`` play no part here.
+Dispatch is by device only (``backend.native_device``): CPU tensors run the C++ CPU ops,
+CUDA tensors the CUDA ops. Routing has no Triton kernels, so ``TRITON_INTERPRET`` plays no
+part here.
 
 When ``_C`` is missing (or, for a CUDA tensor, was built without CUDA ops, or the driver is
 too old for them, or the GPU's architecture is not among those built) the same function runs
-the torch build from ``routing.py`` / ``topology.py`` after ONE ``RuntimeWarning`` per cause;
+the torch build in ``native/fallback.py`` after ONE ``RuntimeWarning`` per cause;
 results are identical. With the environment variable
 ``BLOCKSPARSE_MOE_REQUIRE_NATIVE=1`` (CI sets it) a missing native op raises instead.
 """
@@ -19,13 +25,12 @@ from __future__ import annotations
 import os
 import warnings
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .routing import ROUTE_FIELDS as _ROUTE_FIELDS
-from .routing import route_torch
-from .topology import Topology, make_topology_torch
+from .. import backend
+from .fallback import ROUTE_FIELDS, TOPOLOGY_FIELDS, route_torch, topology_torch
 
 _INT32_MAX = 2**31 - 1
 
@@ -44,7 +49,7 @@ def _load() -> Optional[ModuleType]:
     if not _load_attempted:
         _load_attempted = True
         try:
-            from . import _C as mod
+            from .. import _C as mod
         except ImportError as exc:
             _load_error = f"blocksparse_moe._C could not be imported ({type(exc).__name__}: {exc})"
         else:
@@ -111,11 +116,12 @@ def _device_arch_problem(mod: ModuleType, device: torch.device) -> str:
 
 def _ops_for(device: torch.device, what: str) -> Optional[ModuleType]:
     """The extension if it can run ``what`` on ``device``, else None after the fallback warning."""
+    kind = backend.native_device(device)
     mod = _load()
     if mod is None:
         _fallback("extension", _load_error or "blocksparse_moe._C is not available", what)
         return None
-    if device.type == "cuda":
+    if kind == "cuda":
         problem = _cuda_problem(mod)
         if problem:
             _fallback("cuda", problem, what)
@@ -124,8 +130,6 @@ def _ops_for(device: torch.device, what: str) -> Optional[ModuleType]:
         if problem:
             _fallback("cuda-arch", problem, what)
             return None
-    elif device.type != "cpu":
-        raise ValueError(f"{what}: tensors on device '{device}' are not supported (cpu or cuda)")
     return mod
 
 
@@ -160,8 +164,8 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def route(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> dict:
-    """Native :func:`blocksparse_moe.routing.route` (arguments already checked there).
+def route(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> Dict[str, torch.Tensor]:
+    """The routing fields (``ROUTE_FIELDS``) of :func:`blocksparse_moe.route` (arguments checked there).
 
     Returns the int32 fields of ``Routing`` as a dict. On CUDA everything is enqueued on the
     current stream; nothing is read back.
@@ -176,10 +180,10 @@ def route(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> di
     e = num_experts
     i32 = torch.int32
     out = {name: torch.empty(e if name in ("tokens_per_expert", "bins", "padded_bins") else n, dtype=i32,
-                             device=device) for name in _ROUTE_FIELDS}
-    ptrs = [out[name].data_ptr() for name in _ROUTE_FIELDS]
+                             device=device) for name in ROUTE_FIELDS}
+    ptrs = [out[name].data_ptr() for name in ROUTE_FIELDS]
     ids, id_bytes = expert_indices.data_ptr(), expert_indices.element_size()
-    if device.type == "cpu":
+    if backend.native_device(device) == "cpu":
         mod.route_cpu(ids, id_bytes, n, e, block_size, *ptrs)
         return out
     with torch.cuda.device(device):
@@ -194,8 +198,9 @@ def route(expert_indices: torch.Tensor, num_experts: int, block_size: int) -> di
     return out
 
 
-def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int, block_size: int) -> Topology:
-    """Native :func:`blocksparse_moe.topology.make_topology` (arguments already checked there).
+def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: int,
+                  block_size: int) -> Tuple[Dict[str, torch.Tensor], int]:
+    """``(fields, P)``: the six Topology fields of :func:`blocksparse_moe.make_topology` (checked there).
 
     ``P = padded_bins[-1]`` sizes the outputs, so it is read back to the host: one
     synchronization on CUDA, which also brings back whether ``padded_bins`` is valid
@@ -204,12 +209,13 @@ def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: 
     device = padded_bins.device
     mod = _ops_for(device, "make_topology")
     if mod is None:
-        return make_topology_torch(padded_bins, num_experts, ffn_hidden_size, block_size)
+        return topology_torch(padded_bins, num_experts, ffn_hidden_size, block_size)
     if not padded_bins.is_contiguous():
         raise ValueError("make_topology: padded_bins must be contiguous")
     b = block_size
     fb = ffn_hidden_size // b
-    if device.type == "cuda":
+    on_cpu = backend.native_device(device) == "cpu"
+    if not on_cpu:
         pb = padded_bins.to(torch.int64)
         lengths = pb - torch.cat([pb.new_zeros(1), pb[:-1]])
         bad = ((lengths < 0) | (pb % b != 0)).sum()
@@ -235,9 +241,9 @@ def make_topology(padded_bins: torch.Tensor, num_experts: int, ffn_hidden_size: 
     )
     ptrs = [t.data_ptr() for t in fields.values()]
     args = (padded_bins.data_ptr(), padded_bins.element_size(), num_experts, ffn_hidden_size, b, p, *ptrs)
-    if device.type == "cpu":
+    if on_cpu:
         mod.topology_cpu(*args)
     else:
         with torch.cuda.device(device):
             mod.topology_cuda(*args, _stream(device))
-    return Topology(**fields, shape=(p, num_experts * ffn_hidden_size), block_size=b)
+    return fields, p

@@ -43,8 +43,8 @@ def grouped_cols(op: str, b: torch.Tensor, n: int, block_size: int) -> Tuple[int
         raise ValueError(f"{op}: b must be 2-D [K, N] or grouped 3-D [G, K, C], got shape {tuple(b.shape)}")
     g, _, c = b.shape
     if c % block_size:
-        raise ValueError(f"{op}: grouped b {tuple(b.shape)} needs C = {c} to be a multiple of the block size "
-                         f"{block_size}")
+        raise ValueError(f"{op}: grouped b has shape {tuple(b.shape)}; its C = {c} must be a multiple of the "
+                         f"block size {block_size}")
     if g * c != n:
         raise ValueError(f"{op}: grouped b {tuple(b.shape)} gives G*C = {g * c} columns but the topology has {n}")
     return b.stride(0), max(c, 1)
@@ -60,8 +60,8 @@ def grouped_rows(op: str, b: torch.Tensor, k: int, block_size: int) -> Tuple[int
         raise ValueError(f"{op}: b must be 2-D [K, N] or grouped 3-D [G, R, N], got shape {tuple(b.shape)}")
     g, r, _ = b.shape
     if r % block_size:
-        raise ValueError(f"{op}: grouped b {tuple(b.shape)} needs R = {r} to be a multiple of the block size "
-                         f"{block_size}")
+        raise ValueError(f"{op}: grouped b has shape {tuple(b.shape)}; its R = {r} must be a multiple of the "
+                         f"block size {block_size}")
     if g * r != k:
         raise ValueError(f"{op}: grouped b {tuple(b.shape)} gives G*R = {g * r} rows but the sparse operand has "
                          f"{k} columns")

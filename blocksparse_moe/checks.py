@@ -1,0 +1,144 @@
+"""The one vocabulary of argument checks: ops, kernel launchers and the CPU path all call it.
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+device, range, layout) naming the operation and the argument as the *caller* passed it, e.g.
+``sdd: a has 96 columns but b has 128 rows``. None of them reads tensor data: a check that
+did would synchronise a GPU. Public ops check everything; launchers re-check only what
+would make a kernel touch memory out of bounds (shapes, strides, dtypes of buffers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+from . import backend
+
+#: dtypes the Triton kernels take; the CPU back end also runs float64 (gradcheck).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = KERNEL_DTYPES + (torch.float64,)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def float_dtypes(t: torch.Tensor) -> Tuple[torch.dtype, ...]:
+    """The float dtypes the back end that runs ``t`` supports."""
+    return CPU_DTYPES if backend.select(t) == "cpu" else KERNEL_DTYPES
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(op: str, name: str, t, *, optional: bool = False) -> None:
+    """``t`` is a tensor on a supported device (or None when ``optional``)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: {name} is on unsupported device '{t.device}' (cpu or cuda)")
+
+
+def float_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
+    """``t`` is a float tensor of a dtype that the back end running it supports."""
+    tensor(op, name, t, optional=optional)
+    if t is None:
+        return
+    allowed = float_dtypes(t)
+    if t.dtype not in allowed:
+        where = "" if backend.select(t) == "cpu" else " (float64 runs on the CPU path only)"
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported here: {_names(allowed)}{where}")
+
+
+def kernel_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """Launcher guard: the Triton kernels take fp32/fp16/bf16 only."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: {name} must be {_names(KERNEL_DTYPES)} for the Triton kernels, got {t.dtype}")
+
+
+def same_dtype(op: str, named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    """Every (name, tensor) pair has the first one's dtype (None entries are skipped)."""
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {first_name} is {first.dtype} but {name} is {t.dtype}")
+
+
+def same_device(op: str, named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    """Every (name, tensor) pair is on the first one's device (None entries are skipped)."""
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {first_name} is on {first.device} but {name} is on {t.device}")
+
+
+def dims(op: str, name: str, t: torch.Tensor, allowed: Sequence[int], shape_doc: str) -> None:
+    """``t.dim()`` is one of ``allowed``; ``shape_doc`` says what was expected, e.g. "[T, H]"."""
+    if t.dim() not in allowed:
+        raise ValueError(f"{op}: {name} must be {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], doc: str = "") -> None:
+    """``t`` has exactly the shape ``expected`` (``doc`` names its symbols, e.g. "[T, k]")."""
+    if tuple(t.shape) != tuple(expected):
+        what = f"{doc} = " if doc else ""
+        raise ValueError(f"{op}: {name} must be {what}{list(expected)}, got {list(t.shape)}")
+
+
+def unit_last_stride(op: str, name: str, t: torch.Tensor) -> None:
+    """Launcher guard: the kernels address the last dimension with stride 1."""
+    if t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have unit stride along its last dimension, got shape "
+                         f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def index_vector(op: str, name: str, t: torch.Tensor, n: int) -> None:
+    """Launcher guard: a contiguous int32 vector of ``n`` entries."""
+    if t.dtype != torch.int32 or t.dim() != 1 or t.numel() != n or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous int32 vector of {n} entries, "
+                         f"got {t.dtype} shape {tuple(t.shape)}")
+
+
+def out_buffer(op: str, out: Optional[torch.Tensor], shape_: Sequence[int], dtype: torch.dtype,
+               device: torch.device, *, contiguous: bool = False) -> torch.Tensor:
+    """``out`` if it fits (shape, dtype, device, and contiguity when asked), else a new one if None."""
+    if out is None:
+        return torch.empty(tuple(shape_), dtype=dtype, device=device)
+    if (tuple(out.shape) != tuple(shape_) or out.dtype != dtype or out.device != device
+            or (contiguous and not out.is_contiguous())):
+        kind = "a contiguous " if contiguous else ""
+        raise ValueError(f"{op}: out must be {kind}{dtype} of shape {tuple(shape_)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def int_arg(op: str, name: str, v, *, minimum: Optional[int] = None) -> None:
+    """``v`` is an int (not a bool), at least ``minimum``."""
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
+
+
+def float_arg(op: str, name: str, v, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
+              exclusive_minimum: bool = False) -> None:
+    """``v`` is a finite real number within ``[minimum, maximum]`` (``(minimum`` if exclusive)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    if minimum is not None and (v < minimum or (exclusive_minimum and v == minimum)):
+        bound = ">" if exclusive_minimum else ">="
+        raise ValueError(f"{op}: {name} must be {bound} {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{op}: {name} must be <= {maximum}, got {v}")
+
+
+def choice(op: str, name: str, v, options: Sequence) -> None:
+    """``v`` is one of ``options``."""
+    if v not in options:
+        raise ValueError(f"{op}: {name} must be one of {tuple(options)}, got {v!r}")
