@@ -126,7 +126,7 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:  # block rows past the real P hold E: nothing to do
-        e = e.to(tl.int64)  # e * stride_we exceeds int32 on big layers
+        ex = e.to(tl.int64)  # ex * stride_we exceeds int32 on big layers (a new name: e stays int32)
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
@@ -136,7 +136,7 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
         # The gather: x's rows straight from the tokens, zero rows for padding.
         x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
         # W1[e]^T tiles [BLOCK_K, BLOCK_N]: gate rows c, up rows F + c.
-        wg_ptrs = w1_ptr + e * stride_we + cols[None, :] * stride_wc + offs_k[:, None] * stride_wh
+        wg_ptrs = w1_ptr + ex * stride_we + cols[None, :] * stride_wc + offs_k[:, None] * stride_wh
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -150,7 +150,7 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
         if HAS_BIAS:
-            b_ptrs = b1_ptr + e * stride_be + cols * stride_bc
+            b_ptrs = b1_ptr + ex * stride_be + cols * stride_bc
             acc_g += tl.load(b_ptrs).to(tl.float32)[None, :]
             if GLU:
                 acc_u += tl.load(b_ptrs + FFN * stride_bc).to(tl.float32)[None, :]
@@ -183,7 +183,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:
-        e = e.to(tl.int64)
+        ex = e.to(tl.int64)
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
@@ -191,7 +191,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
         n_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None] * stride_ar + offs_k[None, :] * stride_ac
-        w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+        w_ptrs = w_ptr + ex * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, KDIM, BLOCK_K):  # KDIM (F or 2F) is a multiple of BLOCK_K
             a = tl.load(a_ptrs)
@@ -200,7 +200,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
             a_ptrs += BLOCK_K * stride_ac
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + e * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride_ys exceeds int32 on big layers
         if HAS_WEIGHTS:
             t = slot // TOP_K
@@ -228,7 +228,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:
-        e = e.to(tl.int64)
+        ex = e.to(tl.int64)
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
@@ -244,7 +244,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
         for n0 in range(0, BLOCK, BLOCK_N):
             cols = pid_n * BLOCK + n0 + tl.arange(0, BLOCK_N)
             d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
-            w_ptrs = w2_ptr + e * stride_we + cols[None, :] * stride_wf + offs_k[:, None] * stride_wh
+            w_ptrs = w2_ptr + ex * stride_we + cols[None, :] * stride_wf + offs_k[:, None] * stride_wh
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, H, BLOCK_K):
                 k_ok = (k0 + offs_k) < H
@@ -282,7 +282,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
             if HAS_B2:
                 if pid_n == 0:  # b2's share of y_s . dout_t, added once per slot
                     d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
-                    b_ptrs = b2_ptr + e * stride_be + offs_k * stride_bh
+                    b_ptrs = b2_ptr + ex * stride_be + offs_k * stride_bh
                     for k0 in range(0, H, BLOCK_K):
                         k_ok = (k0 + offs_k) < H
                         d = tl.load(d_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -348,10 +348,18 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 # -- launchers ------------------------------------------------------------------------------
 
-def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype: torch.dtype):
-    """The one call into ``_common``'s launch configs (its API is about to take the dtype)."""
+def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype: torch.dtype,
+          max_tile: int = 128):
+    """The one call into ``_common``'s launch configs (its API is about to take the dtype).
+
+    ``max_tile`` caps the ``split`` tile sizes below ``b`` (it is passed as the block size,
+    which only clips them; the kernels still get the real ``b`` as ``BLOCK``). The up and
+    activation-backward kernels use 64: their epilogues hold four to five fp32 tiles at
+    once (two accumulators, or acc, g, u, act, act'), which spill past 255 registers on
+    sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64 on 4).
+    """
     del dtype  # TODO(merge): pass it on once _common.launch_plan takes the dtype
-    return _common.launch_plan(kernel, block_size, split, device, key=key)
+    return _common.launch_plan(kernel, min(block_size, max_tile), split, device, key=key)
 
 
 def _device_guard(t: torch.Tensor):
@@ -439,7 +447,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
                   INPUT_PRECISION=_common.input_precision(dtype))
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
     with _device_guard(x):
-        kernel, meta = _plan(_up_kernel, block_size, "mn", device, ["H", "FFN"], dtype)
+        kernel, meta = _plan(_up_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
         kernel[lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"])](
             x, w1, b1 if b1 is not None else w1, hidden, a, row_slots, block_expert,
             hidden_size, ffn, top_k, num_experts,
@@ -513,7 +521,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     gw = weights if weights is not None else x
     with _device_guard(x):
         if need_dh or need_a or need_dwt:
-            kernel, meta = _plan(_act_bwd_kernel, block_size, "mn", device, ["H", "FFN"], dtype)
+            kernel, meta = _plan(_act_bwd_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
             kernel[lambda p: (p_max // p["BLOCK_M"], col_blocks)](
                 dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
                 hidden_size, ffn, top_k, num_experts,
