@@ -305,7 +305,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
                         part += tl.sum(d * bb[None, :], axis=1)
                         d_ptrs += BLOCK_K * stride_dh
                         b_ptrs += BLOCK_K * stride_bh
-            tl.store(part_ptr + pid_n * stride_pn + slot * stride_ps, part, mask=ok)
+            tl.store(part_ptr + pid_n.to(tl.int64) * stride_pn + slot * stride_ps, part, mask=ok)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ static bound
 
 and lets its kernels read the real layout on the device and skip the rest. This module
 builds that layout from ``expert_indices [T, k]`` with device-side torch ops of static shape
-(a stable sort, an integer ``scatter_add_`` histogram, cumsums, ``searchsorted``): no
+(a stable sort, ``searchsorted`` for the experts' group bounds, cumsums): no
 ``.item()``, ``nonzero``, ``bincount`` or boolean masking, so nothing reads the GPU from
 the host and CUDA graphs can capture it.
 
@@ -27,9 +27,10 @@ group of slots in token order, padded to a multiple of ``b``):
 
 Expert ids must lie in ``[0, E)``: the router's top-k is in range by construction and the
 ops layer range-checks ids a caller passes in (that check reads data, so it is not here).
-An out-of-range id makes ``scatter_add_`` raise (CPU) or trip a device assert (CUDA); the
-kernels themselves never index a weight with an id outside ``[0, E)`` because they read
-experts only from ``block_expert``, whose values ``searchsorted`` keeps in ``[0, E]``.
+An id outside ``[0, E)`` gives a wrong layout or an index error, never an out-of-bounds
+access in the kernels: they take experts only from ``block_expert`` (``searchsorted`` keeps
+it in ``[0, E]``, and ``E`` means "skip") and slots only from ``row_slots`` (values in
+``[-1, T*k)``).
 """
 
 from __future__ import annotations
@@ -84,16 +85,18 @@ def static_route(expert_indices: torch.Tensor, num_experts: int, block_size: int
     i64 = torch.int64
     flat = expert_indices.reshape(-1).to(i64)
 
-    counts = torch.zeros(num_experts, dtype=i64, device=device)
-    counts.scatter_add_(0, flat, torch.ones(n, dtype=i64, device=device))  # integer sums: exact, deterministic
+    # Sorted position i holds slot order[i] of expert sorted_e[i]. Each expert's group
+    # starts where searchsorted finds it: the histogram without atomics of any kind (so it
+    # also runs under torch.use_deterministic_algorithms).
+    sorted_e, order = torch.sort(flat, stable=True)
+    bounds = torch.searchsorted(sorted_e, torch.arange(num_experts + 1, dtype=i64, device=device))
+    group_start = bounds[:-1]
+    counts = bounds[1:] - group_start
     padded = (counts + (block_size - 1)) // block_size * block_size
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
-    group_start = torch.cumsum(counts, 0) - counts
 
-    # Sorted position i holds slot order[i] of expert sorted_e[i]; its padded row is its
-    # expert's first padded row plus its rank inside the expert's group.
-    sorted_e, order = torch.sort(flat, stable=True)
+    # A slot's padded row: its expert's first padded row plus its rank inside the group.
     rank = torch.arange(n, dtype=i64, device=device) - group_start[sorted_e]
     padded_row = padded_start[sorted_e] + rank
     row_slots = torch.full((p_max,), -1, dtype=torch.int32, device=device)
