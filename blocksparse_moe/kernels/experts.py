@@ -1,0 +1,582 @@
+"""The fused, sync-free dropless expert path (issue 11): gather, GLU and weighted scatter
+inside the two products, no host read of device data.
+
+    forward   h_r  = x[tok(r)] @ W1[e(r)]^T + b1[e(r)]           h = [g | u]  (pre-activation, kept)
+              a_r  = act(g_r) * u_r            (GLU)   or  act(h_r)   (plain MLP)
+              y_s  = w_s * (a_r @ W2[e(r)] + b2[e(r)])           written by slot s = slot(r)
+              out_t = sum_j y_{t*k+j}                            (fixed order, no atomics)
+    backward  P_r  = dout[tok(r)] @ W2[e(r)]^T                   (unweighted)
+              dw_s = a_r . P_r + dout_t . b2[e(r)]               (= dout_t . y_s / w_s: y not kept)
+              da_r = w_s * P_r;  dg = da * u * act'(g),  du = da * act(g)   (or dh = da * act'(h))
+              dW2[e] = sum_{r of e} a_r^T (w_s dout_t),   db2[e] = sum_{r of e} w_s dout_t
+              dW1[e] = sum_{r of e} dh_r^T x[tok(r)],     db1[e] = sum_{r of e} dh_r
+              dx_t = sum_j (dh_r @ W1[e(r)])_{r = row(t*k+j)}     (by slot, fixed-order sum)
+
+with ``r`` a padded row, ``slot(r) = row_slots[r]`` (``-1``: padding, a zero row of x/dout),
+``tok(r) = slot(r) // k``, ``e(r) = block_expert[r // b]`` and ``w_s`` the top-k weight (1
+without weights). Nothing of shape ``[P, H]`` is made: x and dout rows are read from the
+tokens through ``row_slots``.
+
+Why no blocked CSR-COO topology: in the dropless MoE every block row of the hidden matrix
+holds *all* ``F/b`` blocks of its one expert, and each expert owns one contiguous range of
+block rows. So the SDD is a grouped GEMM over row tiles (expert of a row tile: one load of
+``block_expert``), the DSD too, and the transposed products dW1/dW2 walk their expert's
+contiguous row range ``[expert_offsets[e], expert_offsets[e+1])``. Two int32 vectors replace
+the six topology tensors and their static nnz bound; ``kernels/static_routing.py`` builds
+them with static shapes. Shapes are sized by ``P_max = round_up(T*k + E*(b-1), b)``: a row
+tile whose block row is past the real ``P`` reads ``block_expert == E`` and exits at once.
+
+Entry points (the expert-path protocol shared with ``cpu/experts.py``; the ops layer has
+checked the arguments, the launchers guard only what would touch memory out of bounds):
+    experts_forward(x, expert_indices, weights, w1, w2, b1, b2, *, num_experts, act, glu,
+                    block_size) -> (out [T, H], saved)
+    experts_forward_fake(...)  the same shapes, empty (for torch.library fakes)
+    experts_backward(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, *, ...,
+                     needs_input_grad) -> (dx, dweights, dw1, dw2, db1, db2), None where not asked
+    saved = [hidden [P_max, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets [E+1]]
+Every returned shape depends on the input shapes only (torch.compile needs no data-dependent
+size), and neither pass reads device data on the host.
+
+Arguments (every tensor read and written through its strides; ``G = 2`` for a GLU, 1 plain):
+    x        [T, H]        fp32/fp16/bf16; dout [T, H] likewise (a zero-stride expand too)
+    expert_indices [T, k]  int64, ids in [0, E); a token may name one expert twice
+    weights  [T, k]        fp32 or x's dtype, or None (weights 1)
+    w1       [E, G*F, H]   nn.Linear(H, G*F).weight per expert: rows [0, F) gate, [F, 2F) up
+    w2       [E, F, H]     nn.Linear(F, H).weight.T per expert
+    b1       [E, G*F], b2 [E, H]  or None
+    row_slots [P_max] int32, block_expert [P_max/b] int32, expert_offsets [E+1] int32: see
+             static_routing.py (built by experts_forward, saved for backward)
+    hidden   [P_max, G*F]  the pre-activation ``[g | u]`` (x's dtype), written by forward, read
+             by backward; rows past the real P are never written nor read
+
+Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M <= b):
+    _up_kernel        grid (P_max/BLOCK_M, F/BLOCK_N). Gather-GEMM of x's rows with the gate
+                      AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
+                      b1, stores [g | u] (rounded) and act(g)*u. Reads row_slots, block_expert.
+    _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [P, K]
+                      buffer with W[e] [K, H]; epilogue adds the bias, multiplies by w_s and
+                      stores each row at its slot (padding rows store nothing). Forward (a @ W2)
+                      and dx (dh @ W1). Reads row_slots, block_expert.
+    _act_bwd_kernel   grid (P_max/BLOCK_M, F/b). Gather-GEMM of dout's rows with W2[e]^T over
+                      one block column (b columns, BLOCK_N at a time); epilogue recomputes
+                      act from the saved h, stores dh = [dg | du] and a (for dW2), and the
+                      router-weight partial sum a . P (+ dout . b2 in block column 0) per slot:
+                      part [F/b, T*k] fp32, summed in fixed order after. Reads row_slots,
+                      block_expert.
+    _wgrad_kernel     grid (E * C/BLOCK_M, cdiv(H, BLOCK_N)). dW[e] = L^T R over expert e's
+                      row range in BLOCK_K steps (BLOCK_K | b, so no row mask), R gathered
+                      from the tokens (x, or w_s * dout); fused bias gradient: row sums of L
+                      (db1) or of R (db2). Reads expert_offsets, row_slots.
+Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
+two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
+``_plan``: their epilogues hold several fp32 tiles at once).
+
+What each pass allocates (``[P_max, *]`` in x's dtype unless said):
+    forward   hidden [P_max, G*F] (kept for backward), a [P_max, F], y [T*k, H] (none when
+              k == 1: written straight into out), out [T, H]
+    backward  dh [P_max, G*F]; one scratch of max(P_max*F, T*k*H) elements that holds a for
+              dW2, then (a is dead) the per-slot dx rows; part [F/b, T*k] fp32; the
+              gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks)
+Kept for backward (``saved``): hidden and the routing's int32 vectors, besides x, the
+weights and the parameters. At T=256 H=256 F=128 E=16 k=4 b=32 bf16 (unit T*k*H*2 bytes):
+kept 1.54, fresh tensors in forward + backward 6.44 (one set of weight gradients not
+counted), host reads 0 (tests/test_experts_triton.py measures them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from .static_routing import padded_rows_bound, static_route
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# A debugging switch for tests: fill every buffer these launchers allocate with NaN, so a
+# kernel that leaves an element unwritten, or reads one it should not, fails loudly.
+POISON_BUFFERS = False
+
+
+@triton.jit
+def _act_and_grad(x, ACT: tl.constexpr):
+    """``(act(x), act'(x))`` in fp32; ACT indexes ``ACTIVATIONS``. Constants are literals:
+    the GPU compiler rejects Python globals inside jitted code."""
+    if ACT == 0:  # silu
+        s = tl.sigmoid(x)
+        y = x * s
+        dy = s * (1.0 + x * (1.0 - s))
+    elif ACT == 1:  # gelu (erf): x * Phi(x)
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        y = x * cdf
+        dy = cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)
+    elif ACT == 2:  # gelu_tanh; tanh(z) = 2 sigmoid(2z) - 1 (no libdevice, runs interpreted)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        y = 0.5 * x * (1.0 + t)
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    else:  # relu
+        pos = x > 0.0
+        y = tl.where(pos, x, 0.0)
+        dy = tl.where(pos, 1.0, 0.0)
+    return y, dy
+
+
+@triton.jit
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_ptr,
+               H, FFN, TOP_K, NUM_EXPERTS,
+               stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
+               stride_hr, stride_hc, stride_ar, stride_ac,
+               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr,
+               INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    TILES_M: tl.constexpr = BLOCK // BLOCK_M
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    block_row = pid_m // TILES_M
+    e = tl.load(block_expert_ptr + block_row)
+    if e < NUM_EXPERTS:  # block rows past the real P hold E: nothing to do
+        ex = e.to(tl.int64)  # ex * stride_we exceeds int32 on big layers (a new name: e stays int32)
+        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(row_slots_ptr + rows)
+        ok = slots >= 0
+        tok = tl.where(ok, slots // TOP_K, 0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # F is a multiple of BLOCK_N
+        offs_k = tl.arange(0, BLOCK_K)
+        # The gather: x's rows straight from the tokens, zero rows for padding.
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
+        # W1[e]^T tiles [BLOCK_K, BLOCK_N]: gate rows c, up rows F + c.
+        wg_ptrs = w1_ptr + ex * stride_we + cols[None, :] * stride_wc + offs_k[:, None] * stride_wh
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = (k0 + offs_k) < H
+            xa = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_g = _common.dot(xa, wg, acc_g, INTERPRET, INPUT_PRECISION)
+            if GLU:
+                wu = tl.load(wg_ptrs + FFN * stride_wc, mask=k_ok[:, None], other=0.0)
+                acc_u = _common.dot(xa, wu, acc_u, INTERPRET, INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xh
+            wg_ptrs += BLOCK_K * stride_wh
+        if HAS_BIAS:
+            b_ptrs = b1_ptr + ex * stride_be + cols * stride_bc
+            acc_g += tl.load(b_ptrs).to(tl.float32)[None, :]
+            if GLU:
+                acc_u += tl.load(b_ptrs + FFN * stride_bc).to(tl.float32)[None, :]
+        # The activation reads the *rounded* pre-activation, exactly what backward reloads,
+        # so forward and backward differentiate the same function.
+        g = acc_g.to(a_ptr.dtype.element_ty)
+        h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
+        if SAVE_H:
+            tl.store(h_ptrs, g)
+        a, _ = _act_and_grad(g.to(tl.float32), ACT)
+        if GLU:
+            u = acc_u.to(a_ptr.dtype.element_ty)
+            if SAVE_H:
+                tl.store(h_ptrs + FFN * stride_hc, u)
+            a = a * u.to(tl.float32)
+        tl.store(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, a.to(a_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_expert_ptr,
+                 N, KDIM, TOP_K, NUM_EXPERTS,
+                 stride_ar, stride_ac, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+                 stride_gt, stride_gj, stride_ys, stride_yn,
+                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                 INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    TILES_M: tl.constexpr = BLOCK // BLOCK_M
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    block_row = pid_m // TILES_M
+    e = tl.load(block_expert_ptr + block_row)
+    if e < NUM_EXPERTS:
+        ex = e.to(tl.int64)
+        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(row_slots_ptr + rows)
+        ok = slots >= 0
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_ar + offs_k[None, :] * stride_ac
+        w_ptrs = w_ptr + ex * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KDIM, BLOCK_K):  # KDIM (F or 2F) is a multiple of BLOCK_K
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+            acc = _common.dot(a, w, acc, INTERPRET, INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ac
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride_ys exceeds int32 on big layers
+        if HAS_WEIGHTS:
+            t = slot // TOP_K
+            wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
+            acc = acc * wv.to(tl.float32)[:, None]
+        # The scatter: each real row to its slot (each slot has exactly one row).
+        tl.store(y_ptr + slot[:, None] * stride_ys + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part_ptr, row_slots_ptr,
+                    block_expert_ptr,
+                    H, FFN, TOP_K, NUM_EXPERTS,
+                    stride_dt, stride_dh, stride_we, stride_wf, stride_wh, stride_be, stride_bh,
+                    stride_gt, stride_gj, stride_hr, stride_hc, stride_dhr, stride_dhc, stride_ar, stride_ac,
+                    stride_pn, stride_ps,
+                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_B2: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                    DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr,
+                    INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    TILES_M: tl.constexpr = BLOCK // BLOCK_M
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)  # block column of F: columns [pid_n * BLOCK, (pid_n + 1) * BLOCK)
+    block_row = pid_m // TILES_M
+    e = tl.load(block_expert_ptr + block_row)
+    if e < NUM_EXPERTS:
+        ex = e.to(tl.int64)
+        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(row_slots_ptr + rows)
+        ok = slots >= 0
+        slot = tl.where(ok, slots, 0).to(tl.int64)
+        tok = slot // TOP_K
+        if HAS_WEIGHTS:
+            wv = tl.load(gw_ptr + tok * stride_gt + (slot - tok * TOP_K) * stride_gj, mask=ok, other=0.0)
+            wv = wv.to(tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        part = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # A whole block column per program (not one BLOCK_N tile) so that the router-weight
+        # partial sums have a fixed count, F/b, whatever tile size the autotuner picks.
+        for n0 in range(0, BLOCK, BLOCK_N):
+            cols = pid_n * BLOCK + n0 + tl.arange(0, BLOCK_N)
+            d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
+            w_ptrs = w2_ptr + ex * stride_we + cols[None, :] * stride_wf + offs_k[:, None] * stride_wh
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                k_ok = (k0 + offs_k) < H
+                d = tl.load(d_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+                acc = _common.dot(d, w, acc, INTERPRET, INPUT_PRECISION)
+                d_ptrs += BLOCK_K * stride_dh
+                w_ptrs += BLOCK_K * stride_wh
+            # acc = dout_t W2_e^T (unweighted). Epilogue: the activation's backward.
+            h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
+            g = tl.load(h_ptrs).to(tl.float32)
+            act, dact = _act_and_grad(g, ACT)
+            if GLU:
+                u = tl.load(h_ptrs + FFN * stride_hc).to(tl.float32)
+                a = act * u
+            else:
+                a = act
+            a = a.to(dh_ptr.dtype.element_ty)  # exactly forward's a (same rounded inputs, same ops)
+            if STORE_A:
+                tl.store(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, a)
+            if DWEIGHTS:
+                part += tl.sum(a.to(tl.float32) * acc, axis=1)
+            if HAS_WEIGHTS:
+                da = acc * wv[:, None]
+            else:
+                da = acc
+            if STORE_DH:
+                dh_ptrs = dh_ptr + rows[:, None] * stride_dhr + cols[None, :] * stride_dhc
+                if GLU:
+                    tl.store(dh_ptrs, (da * u * dact).to(dh_ptr.dtype.element_ty))
+                    tl.store(dh_ptrs + FFN * stride_dhc, (da * act).to(dh_ptr.dtype.element_ty))
+                else:
+                    tl.store(dh_ptrs, (da * dact).to(dh_ptr.dtype.element_ty))
+        if DWEIGHTS:
+            if HAS_B2:
+                if pid_n == 0:  # b2's share of y_s . dout_t, added once per slot
+                    d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
+                    b_ptrs = b2_ptr + ex * stride_be + offs_k * stride_bh
+                    for k0 in range(0, H, BLOCK_K):
+                        k_ok = (k0 + offs_k) < H
+                        d = tl.load(d_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                        bb = tl.load(b_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                        part += tl.sum(d * bb[None, :], axis=1)
+                        d_ptrs += BLOCK_K * stride_dh
+                        b_ptrs += BLOCK_K * stride_bh
+            tl.store(part_ptr + pid_n.to(tl.int64) * stride_pn + slot * stride_ps, part, mask=ok)
+
+
+@triton.jit
+def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_ptr, expert_offsets_ptr,
+                  C, N, TOP_K,
+                  stride_lr, stride_lc, stride_st, stride_sn, stride_gt, stride_gj,
+                  stride_de, stride_dc, stride_dn, stride_ble, stride_blc, stride_bre, stride_brn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, STORE_DW: tl.constexpr, SUM_L: tl.constexpr, SUM_R: tl.constexpr,
+                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    tiles_c = C // BLOCK_M
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = pid // tiles_c
+    tc = pid % tiles_c
+    cc = tc * BLOCK_M + tl.arange(0, BLOCK_M)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
+    offs_r = tl.arange(0, BLOCK_K)
+    start = tl.load(expert_offsets_ptr + e)
+    end = tl.load(expert_offsets_ptr + e + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sum_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Expert e's rows are one contiguous range, a multiple of b long (BLOCK_K | b): no row
+    # mask. An empty expert runs no step and stores zeros.
+    for r0 in range(start, end, BLOCK_K):
+        rr = (r0 + offs_r).to(tl.int64)  # r0 + offs_r < P <= int32 max
+        l = tl.load(l_ptr + rr[None, :] * stride_lr + cc[:, None] * stride_lc)  # [BLOCK_M, BLOCK_K] = L^T tile
+        slots = tl.load(row_slots_ptr + rr)
+        ok = slots >= 0
+        slot = tl.where(ok, slots, 0).to(tl.int64)
+        tok = slot // TOP_K
+        r = tl.load(src_ptr + tok[:, None] * stride_st + nn[None, :] * stride_sn,
+                    mask=ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_WEIGHTS:
+            wv = tl.load(gw_ptr + tok * stride_gt + (slot - tok * TOP_K) * stride_gj, mask=ok, other=0.0)
+            r = (r.to(tl.float32) * wv.to(tl.float32)[:, None]).to(src_ptr.dtype.element_ty)
+        acc = _common.dot(l, r, acc, INTERPRET, INPUT_PRECISION)
+        if SUM_L:
+            sum_l += tl.sum(l.to(tl.float32), axis=1)
+        if SUM_R:
+            sum_r += tl.sum(r.to(tl.float32), axis=0)
+    e64 = e.to(tl.int64)
+    if STORE_DW:
+        tl.store(dw_ptr + e64 * stride_de + cc[:, None] * stride_dc + nn[None, :] * stride_dn,
+                 acc.to(dw_ptr.dtype.element_ty), mask=n_ok[None, :])
+    if SUM_L:
+        if pid_n == 0:
+            tl.store(dbl_ptr + e64 * stride_ble + cc * stride_blc, sum_l.to(dbl_ptr.dtype.element_ty))
+    if SUM_R:
+        if tc == 0:
+            tl.store(dbr_ptr + e64 * stride_bre + nn * stride_brn, sum_r.to(dbr_ptr.dtype.element_ty), mask=n_ok)
+
+
+# -- launchers ------------------------------------------------------------------------------
+
+def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype: torch.dtype,
+          max_tile: int = 128):
+    """The one call into ``_common``'s launch configs (its API is about to take the dtype).
+
+    ``max_tile`` caps the ``split`` tile sizes below ``b`` (it is passed as the block size,
+    which only clips them; the kernels still get the real ``b`` as ``BLOCK``). The up and
+    activation-backward kernels use 64: their epilogues hold four to five fp32 tiles at
+    once (two accumulators, or acc, g, u, act, act'), which spill past 255 registers on
+    sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64 on 4).
+    """
+    del dtype  # TODO(merge): pass it on once _common.launch_plan takes the dtype
+    return _common.launch_plan(kernel, min(block_size, max_tile), split, device, key=key)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _new_like(t: torch.Tensor) -> torch.Tensor:
+    # empty_like keeps a dense t's strides: AccumulateGrad then takes a parameter's gradient
+    # over without copying it into the parameter's layout.
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON_BUFFERS else out
+
+
+def _strides2(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _layout(x: torch.Tensor, expert_indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            weights: Optional[torch.Tensor], b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+            num_experts: int, act: str, glu: bool, block_size: int, op: str):
+    """Sizes, after the guards that keep the kernels in bounds (the ops layer has checked the
+    rest): ``(T, k, H, F, G, P_max, act code)``."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act must be one of {ACTIVATIONS}, got {act!r}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got x {x.dtype}")
+    tokens, hidden = x.shape
+    top_k = expert_indices.shape[1]
+    groups = 2 if glu else 1
+    ffn = w2.shape[1]
+    shapes = {"expert_indices": (expert_indices, (tokens, top_k)), "w1": (w1, (num_experts, groups * ffn, hidden)),
+              "w2": (w2, (num_experts, ffn, hidden)), "weights": (weights, (tokens, top_k)),
+              "b1": (b1, (num_experts, groups * ffn)), "b2": (b2, (num_experts, hidden))}
+    for name, (t, shape) in shapes.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)}, got {list(t.shape)}")
+    if ffn % block_size:
+        raise ValueError(f"{op}: F = {ffn} must be a multiple of block_size {block_size}")
+    p_max = padded_rows_bound(tokens, top_k, num_experts, block_size)
+    return tokens, top_k, hidden, ffn, groups, p_max, ACTIVATIONS.index(act)
+
+
+def experts_forward_fake(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
+                         w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                         *, num_experts: int, act: str, glu: bool, block_size: int
+                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """:func:`experts_forward`'s outputs, empty: shapes from the input shapes only."""
+    tokens, top_k, hidden, ffn, groups, p_max, _ = _layout(x, expert_indices, w1, w2, weights, b1, b2, num_experts,
+                                                           act, glu, block_size, "experts_forward")
+    i32 = torch.int32
+    saved = [x.new_empty((p_max, groups * ffn)), x.new_empty((p_max,), dtype=i32),
+             x.new_empty((p_max // block_size,), dtype=i32), x.new_empty((num_experts + 1,), dtype=i32)]
+    return x.new_empty((tokens, hidden)), saved
+
+
+def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
+                    w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                    *, num_experts: int, act: str, glu: bool, block_size: int
+                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``(out [T, H], saved)``: every token's k expert MLPs, weighted and summed.
+
+    ``saved = [hidden [P_max, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets
+    [E+1]]``: the pre-activation and the routing (int32), all sized by ``P_max``; what
+    :func:`experts_backward` reads. No host read of device data.
+    """
+    tokens, top_k, hidden_size, ffn, groups, p_max, code = _layout(
+        x, expert_indices, w1, w2, weights, b1, b2, num_experts, act, glu, block_size, "experts_forward")
+    row_slots, block_expert, expert_offsets, _ = static_route(expert_indices, num_experts, block_size)
+    dtype, device = x.dtype, x.device
+    out = _new((tokens, hidden_size), dtype, device)
+    hidden = _new((p_max, groups * ffn), dtype, device)
+    saved = [hidden, row_slots, block_expert, expert_offsets]
+    if tokens == 0 or hidden_size == 0:
+        return out.zero_(), saved
+    a = _new((p_max, ffn), dtype, device)
+    # k == 1: each token has one slot, so the down product writes the output itself.
+    y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
+    common = dict(BLOCK=block_size, INTERPRET=_common.interpret_flag(),
+                  INPUT_PRECISION=_common.input_precision(dtype))
+    gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
+    with _device_guard(x):
+        kernel, meta = _plan(_up_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
+        kernel[lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"])](
+            x, w1, b1 if b1 is not None else w1, hidden, a, row_slots, block_expert,
+            hidden_size, ffn, top_k, num_experts,
+            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
+            hidden.stride(0), hidden.stride(1), a.stride(0), a.stride(1),
+            ACT=code, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=True, **common, **meta)
+        kernel, meta = _plan(_down_kernel, block_size, "mk", device, ["N", "KDIM"], dtype)
+        kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
+            a, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
+            hidden_size, ffn, top_k, num_experts,
+            a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+            *_strides2(weights), y.stride(0), y.stride(1),
+            HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, **common, **meta)
+    if top_k > 1:
+        # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
+        torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
+    return out, saved
+
+
+def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Tensor, expert_indices: torch.Tensor,
+                     weights: Optional[torch.Tensor], w1: torch.Tensor, w2: torch.Tensor,
+                     b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], *, num_experts: int, act: str,
+                     glu: bool, block_size: int, needs_input_grad: Sequence[bool]
+                     ) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(dx, dweights, dw1, dw2, db1, db2)`` of :func:`experts_forward` for ``dout [T, H]``
+    (any strides); None where ``needs_input_grad`` says no or the input is None.
+
+    Each gradient has its input's shape and dtype (``dw1``/``dw2`` also its strides). No host
+    read of device data.
+    """
+    op = "experts_backward"
+    tokens, top_k, hidden_size, ffn, groups, p_max, code = _layout(
+        x, expert_indices, w1, w2, weights, b1, b2, num_experts, act, glu, block_size, op)
+    hidden, row_slots, block_expert, expert_offsets = saved
+    expected = ((hidden, (p_max, groups * ffn), x.dtype), (row_slots, (p_max,), torch.int32),
+                (block_expert, (p_max // block_size,), torch.int32), (expert_offsets, (num_experts + 1,), torch.int32))
+    for i, (t, shape, dt) in enumerate(expected):
+        if tuple(t.shape) != shape or t.dtype != dt or (t.dim() == 1 and t.numel() and t.stride(0) != 1):
+            raise ValueError(f"{op}: saved[{i}] must be {dt} of shape {shape} (from experts_forward), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if tuple(dout.shape) != (tokens, hidden_size) or dout.dtype != x.dtype:
+        raise ValueError(f"{op}: dout must be {x.dtype} [{tokens}, {hidden_size}], got {dout.dtype} "
+                         f"{list(dout.shape)}")
+    need_dx, need_dwt, need_dw1, need_dw2, need_db1, need_db2 = (bool(v) for v in needs_input_grad)
+    need_dwt &= weights is not None
+    need_db1 &= b1 is not None
+    need_db2 &= b2 is not None
+    dtype, device = x.dtype, x.device
+    dx = _new((tokens, hidden_size), dtype, device) if need_dx else None
+    dweights = _new((tokens, top_k), weights.dtype, device) if need_dwt else None
+    dw1 = _new_like(w1) if need_dw1 else None
+    dw2 = _new_like(w2) if need_dw2 else None
+    db1 = _new_like(b1) if need_db1 else None
+    db2 = _new_like(b2) if need_db2 else None
+    grads = (dx, dweights, dw1, dw2, db1, db2)
+    if tokens == 0 or hidden_size == 0:  # no rows: every sum is empty
+        return tuple(g.zero_() if g is not None else None for g in grads)
+
+    need_dh = need_dx or need_dw1 or need_db1
+    need_a = need_dw2 or need_db2
+    dh = _new((p_max, groups * ffn), dtype, device) if need_dh else hidden  # hidden: never written then
+    # One scratch for two tensors never alive together: a (read by dW2) and then the
+    # per-slot rows of dx (written after dW2 ran; stream order keeps them apart).
+    slot_rows = tokens * top_k if (need_dx and top_k > 1) else 0
+    scratch = _new((max(p_max * ffn if need_a else 0, slot_rows * hidden_size),), dtype, device)
+    a = scratch[:p_max * ffn].view(p_max, ffn) if need_a else hidden
+    col_blocks = ffn // block_size
+    part = _new((col_blocks, tokens * top_k), torch.float32, device) if need_dwt else None
+    part_arg = part if part is not None else hidden
+    common = dict(INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(dtype))
+    gw = weights if weights is not None else x
+    with _device_guard(x):
+        if need_dh or need_a or need_dwt:
+            kernel, meta = _plan(_act_bwd_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
+            kernel[lambda p: (p_max // p["BLOCK_M"], col_blocks)](
+                dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
+                hidden_size, ffn, top_k, num_experts,
+                dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+                *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
+                a.stride(0), a.stride(1), *_strides2(part_arg),
+                BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
+                DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, **common, **meta)
+        wgrad, meta_w = _plan(_wgrad_kernel, block_size, "mk", device, ["C", "N"], dtype)
+        if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
+            dw, db = (dw2 if dw2 is not None else w2), db2
+            wgrad[lambda p: (num_experts * (ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"]))](
+                a, dout, gw, dw, dw, db if db is not None else dw, row_slots, expert_offsets,
+                ffn, hidden_size, top_k,
+                a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), *_strides2(weights),
+                dw.stride(0), dw.stride(1), dw.stride(2), 0, 0, *_strides2(db),
+                HAS_WEIGHTS=weights is not None, STORE_DW=need_dw2, SUM_L=False, SUM_R=need_db2,
+                **common, **meta_w)
+        if need_dw1 or need_db1:  # dW1 = dh^T x per expert; db1 = column sums of dh
+            dw, db = (dw1 if dw1 is not None else w1), db1
+            wgrad[lambda p: (num_experts * (groups * ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"]))](
+                dh, x, x, dw, db if db is not None else dw, dw, row_slots, expert_offsets,
+                groups * ffn, hidden_size, top_k,
+                dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), 0, 0,
+                dw.stride(0), dw.stride(1), dw.stride(2), *_strides2(db), 0, 0,
+                HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False, **common, **meta_w)
+        if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
+            rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
+            kernel, meta = _plan(_down_kernel, block_size, "mk", device, ["N", "KDIM"], dtype)
+            kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
+                dh, w1, w1, x, rows, row_slots, block_expert,
+                hidden_size, groups * ffn, top_k, num_experts,
+                dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
+                rows.stride(0), rows.stride(1),
+                BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, **common, **meta)
+            if top_k > 1:
+                torch.sum(rows.view(tokens, top_k, hidden_size), dim=1, out=dx)
+    if need_dwt:  # the F/b partials of each slot, summed in a fixed order
+        if weights.dtype == torch.float32:
+            torch.sum(part, dim=0, out=dweights.view(-1))
+        else:
+            dweights.copy_(part.sum(0).view(tokens, top_k))
+    return grads
