@@ -1,0 +1,272 @@
+"""The fused expert path on CPU tensors: every token's ``k`` expert MLPs, weighted and summed.
+
+    h_e(x)   = x @ w1[e].T + b1[e]                                   [G*F]
+    a_e(x)   = act(h[:F]) * h[F:]   (glu, G = 2)   or   act(h)   (G = 1)
+    out[t]   = sum_j weights[t, j] * (a_{e}(x[t]) @ w2[e] + b2[e]),   e = expert_indices[t, j]
+
+The CPU back end of the expert-path protocol (``experts_forward``, ``experts_forward_fake``,
+``experts_backward``; the Triton back end is ``kernels/experts.py``). The ops layer checks
+every argument first and owns autograd; nothing here re-validates user arguments.
+
+The block-sparse layout is the GPU's. A CPU runs one GEMM per expert on a contiguous range
+of rows best, so the ``S = T*k`` slots are sorted by expert once (a stable sort: slot
+``s = t*k + j`` keeps its place among its expert's slots) and the sizes read on the host
+(``counts.tolist()``: free on a CPU, where there is no queue to stall). Each expert's rows
+then go through all of its work back to back while they are in cache:
+
+    forward   gather x rows -> addmm (+b1) -> act, GLU, routing weight -> mm (+b2)
+              -> index_add into out                                          2 GEMMs
+    backward  gather dout rows -> dA = dout @ w2^T -> recompute a from h -> dweights,
+              dw2 = (w a)^T dout, db2 -> dh = act'(h) (.) w dA -> dw1 = dh^T x, db1
+              -> dx rows = dh @ w1 -> index_add into dx                      4 GEMMs
+
+That is the GEMMs of a dense MLP (6 + 12 units of ``T*k*H*F`` FLOPs for a GLU) and nothing
+more: ``dweights[t, j] = <dout[t], y_tj>`` is computed as ``<a_tj, dout[t] @ w2^T> +
+<dout[t], b2>`` from products backward needs anyway, so the expert outputs ``y`` are
+neither kept nor recomputed. Every elementwise pass runs on one expert's rows while they
+are in cache, fused where ATen has the kernel (``silu``/``gelu`` and their backward, in
+place, into ``out=`` slices). Kept for backward: the pre-activation ``h`` in sorted order
+(in x's dtype, the floor of DESIGN.md), the sort permutation and the expert sizes; ``a``
+is recomputed from ``h``.
+
+Precision: the GEMMs and every elementwise step run in fp32 (fp64 for fp64): fp16/bf16
+operands are converted one expert at a time (on CPUs without fp16/bf16 hardware, torch's
+half GEMM is ~100x slower than MKL's sgemm; with it, a half GEMM would round each expert's
+output before the weighted sum: a second rounding). Stored results are rounded once: ``h``
+(kept), ``out``, and each gradient. The ``k`` slots of a token are summed in fp32 in a
+fixed order (by expert, then by slot: ``index_add_`` on CPU adds sequentially), no atomics:
+two runs are bitwise equal.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .activation import _act_backward_into, _act_into
+
+__all__ = ["ACTIVATIONS", "experts_forward", "experts_forward_fake", "experts_backward"]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # cpu/activation.py's codes
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _saved_shapes(x: Tensor, expert_indices: Tensor, w1: Tensor, num_experts: int):
+    slots = expert_indices.shape[0] * expert_indices.shape[1]
+    return (slots, w1.shape[1]), (slots,), (num_experts,)
+
+
+def experts_forward_fake(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w2: Tensor,
+                         b1: Optional[Tensor], b2: Optional[Tensor], *, num_experts: int, act: str, glu: bool,
+                         block_size: int) -> Tuple[Tensor, List[Tensor]]:
+    """Shapes and dtypes of :func:`experts_forward`'s results, computing nothing."""
+    h_shape, order_shape, counts_shape = _saved_shapes(x, expert_indices, w1, num_experts)
+    saved = [x.new_empty(h_shape), expert_indices.new_empty(order_shape, dtype=torch.int64),
+             expert_indices.new_empty(counts_shape, dtype=torch.int64)]
+    return x.new_empty(x.shape), saved
+
+
+def _sort_slots(expert_indices: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
+    """``(order [S], counts [E])``: slot ids sorted by expert (stable), slots per expert."""
+    flat = expert_indices.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+def _ranges(sizes: List[int]):
+    """``(e, r0, r1)`` for every expert with rows: its range of sorted slots."""
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+def _in(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _activate(h: Tensor, ffn: int, glu: bool, code: int, out: Optional[Tensor] = None) -> Tensor:
+    """``act(h[:, :F]) * h[:, F:]`` (glu) or ``act(h)``, into ``out`` when given: two passes
+    (one plain)."""
+    a = _act_into(h[:, :ffn] if glu else h, code, out)
+    return a.mul_(h[:, ffn:]) if glu else a
+
+
+def _slot_sum(rows: Tensor, order: Tensor, tokens: int, k: int) -> Tensor:
+    """``out[t] = sum_j rows[i(t*k + j)]`` for rows in sorted order (``order[i] = slot``): the
+    ``k`` rows of a token gathered next to each other and summed in slot order ``j = 0..k-1``
+    (``sum`` over a fixed dimension: deterministic)."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return rows.index_select(0, inv).view(tokens, k, rows.shape[1]).sum(1)
+
+
+def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w2: Tensor,
+                    b1: Optional[Tensor], b2: Optional[Tensor], *, num_experts: int, act: str, glu: bool,
+                    block_size: int) -> Tuple[Tensor, List[Tensor]]:
+    """``(out [T, H] in x's dtype, saved = [h [S, G*F] in x's dtype, order [S], counts [E]])``.
+
+    ``h`` is the pre-activation (bias included) of slot ``order[i]`` in row ``i``;
+    ``block_size`` is not used (no padding on the CPU).
+    """
+    tokens, hidden = x.shape
+    k = expert_indices.shape[1]
+    width = w1.shape[1]
+    ffn = width // 2 if glu else width
+    cdt = _compute_dtype(x.dtype)
+    dev = x.device
+    order, counts = _sort_slots(expert_indices, num_experts)
+    slots = order.numel()
+    h = x.new_empty((slots, width))
+    if slots == 0:
+        return x.new_zeros((tokens, hidden)), [h, order, counts]
+    ranges = list(_ranges(counts.tolist()))
+    # Rows of every expert, one after the other: x gathered once (converted before the
+    # k-fold gather), each expert's GEMM writing its own row range in place.
+    xs = x.to(cdt).index_select(0, order // k)
+    hc = h if h.dtype == cdt else torch.empty((slots, width), dtype=cdt, device=dev)
+    for e, r0, r1 in ranges:
+        if b1 is None:
+            torch.mm(xs[r0:r1], w1[e].to(cdt).t(), out=hc[r0:r1])
+        else:
+            torch.addmm(b1[e].to(cdt), xs[r0:r1], w1[e].to(cdt).t(), out=hc[r0:r1])
+    del xs
+    if hc is not h:
+        h.copy_(hc)  # the kept pre-activation, rounded once
+    a = _activate(hc, ffn, glu, _ACT_CODE[act])
+    del hc
+    ws = None
+    if weights is not None:
+        ws = weights.reshape(-1).to(cdt)[order]
+        a.mul_(ws.unsqueeze(1))  # the routing weight, on the narrower side of the second GEMM
+    y = torch.empty((slots, hidden), dtype=cdt, device=dev)
+    for e, r0, r1 in ranges:
+        w2e = w2[e].to(cdt)
+        if b2 is None:
+            torch.mm(a[r0:r1], w2e, out=y[r0:r1])
+        elif ws is None:
+            torch.addmm(b2[e].to(cdt), a[r0:r1], w2e, out=y[r0:r1])
+        else:
+            torch.mm(a[r0:r1], w2e, out=y[r0:r1])
+            y[r0:r1].addr_(ws[r0:r1], b2[e].to(cdt))  # the weighted bias
+    del a
+    return _slot_sum(y, order, tokens, k).to(x.dtype), [h, order, counts]
+
+
+def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indices: Tensor,
+                     weights: Optional[Tensor], w1: Tensor, w2: Tensor, b1: Optional[Tensor],
+                     b2: Optional[Tensor], *, num_experts: int, act: str, glu: bool, block_size: int,
+                     needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool]):
+    """``(dx, dweights, dw1, dw2, db1, db2)``, None where not needed (or the input is None).
+
+    ``dout`` may have any strides (a zero-stride ``expand`` included): it is only read
+    through ``index_select``.
+    """
+    h, order, counts = saved
+    tokens, hidden = x.shape
+    k = expert_indices.shape[1]
+    width = w1.shape[1]
+    ffn = width // 2 if glu else width
+    cdt = _compute_dtype(x.dtype)
+    code = _ACT_CODE[act]
+    dev = x.device
+    need_x, need_w, need_w1, need_w2, need_b1, need_b2 = needs_input_grad
+    need_w = need_w and weights is not None
+    need_b1 = need_b1 and b1 is not None
+    need_b2 = need_b2 and b2 is not None
+    sizes = counts.tolist()
+    ranges = list(_ranges(sizes))
+    idle = [e for e, n in enumerate(sizes) if n == 0]
+
+    def result(t: Tensor) -> Tensor:
+        # Written expert by expert (in place when in the compute dtype, else rounded once
+        # from the fp32 product); experts without rows get zeros.
+        r = torch.empty(t.shape, dtype=t.dtype, device=dev)
+        for e in idle:
+            r[e].zero_()
+        return r
+
+    dw1 = result(w1) if need_w1 else None
+    dw2 = result(w2) if need_w2 else None
+    db1 = result(b1) if need_b1 else None
+    db2 = result(b2) if need_b2 else None
+    slots = order.numel()
+    if slots == 0:
+        dx = x.new_zeros(x.shape) if need_x else None
+        dweights = weights.new_zeros(weights.shape) if need_w else None
+        return dx, dweights, dw1, dw2, db1, db2
+    token = order // k
+    do = dout.to(cdt).index_select(0, token)  # [S, H]: dout of each sorted slot
+    hc = h if h.dtype == cdt else h.to(cdt)
+    g = hc[:, :ffn] if glu else hc
+    ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
+
+    # dL/da (before the routing weight) = dout @ w2^T: the GEMM every other gradient needs.
+    da = torch.empty((slots, ffn), dtype=cdt, device=dev)
+    for e, r0, r1 in ranges:
+        torch.mm(do[r0:r1], w2[e].to(cdt).t(), out=da[r0:r1])
+    act_g = _act_into(g, code, None)  # act(gate) (act(h) plain), recomputed from h
+    a = torch.mul(act_g, hc[:, ffn:]) if glu else act_g
+    dweights = None
+    if need_w:
+        # dweights = <dout, a @ w2 + b2> = <a, dout @ w2^T> + <dout, b2>: y is never needed.
+        dws = torch.linalg.vecdot(a, da)
+        if b2 is not None:
+            for e, r0, r1 in ranges:
+                dws[r0:r1].add_(do[r0:r1] @ b2[e].to(cdt))
+        dweights = torch.empty(slots, dtype=weights.dtype, device=dev)
+        dweights.index_copy_(0, order, dws.to(weights.dtype))
+        dweights = dweights.view(weights.shape)
+    if ws is not None:
+        da.mul_(ws)
+    if need_w2 or need_b2:
+        aw = a if ws is None else a.mul_(ws)  # a (act(h) when plain) is not read again
+        for e, r0, r1 in ranges:
+            if need_w2:
+                _mm_into(aw[r0:r1].t(), do[r0:r1], dw2[e])
+            if need_b2:
+                db2[e].copy_(do[r0:r1].sum(0) if ws is None else ws[r0:r1, 0] @ do[r0:r1])
+        del aw
+    del a, do
+    dx = None
+    if need_x or need_w1 or need_b1:
+        dh = torch.empty((slots, width), dtype=cdt, device=dev)
+        if glu:
+            # d up = da * act(gate); d gate = (da * up) * act'(gate)
+            torch.mul(da, act_g, out=dh[:, ffn:])
+            da.mul_(hc[:, ffn:])
+        del act_g
+        _act_backward_into(da, g, code, dh[:, :ffn] if glu else dh)
+        del da
+        if need_b1:
+            for e, r0, r1 in ranges:
+                db1[e].copy_(dh[r0:r1].sum(0))
+        if need_w1:
+            xs = x.to(cdt).index_select(0, token)
+            for e, r0, r1 in ranges:
+                _mm_into(dh[r0:r1].t(), xs[r0:r1], dw1[e])
+            del xs
+        if need_x:
+            dxs = torch.empty((slots, hidden), dtype=cdt, device=dev)
+            for e, r0, r1 in ranges:
+                torch.mm(dh[r0:r1], w1[e].to(cdt), out=dxs[r0:r1])
+            dx = _slot_sum(dxs, order, tokens, k).to(x.dtype)
+    return dx, dweights, dw1, dw2, db1, db2
+
+
+def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a @ b``: straight into ``out`` when it is a contiguous compute-dtype matrix,
+    else computed in the compute dtype and rounded once."""
+    if out.dtype == a.dtype and out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
