@@ -8,9 +8,10 @@ Importing the package starts nothing: the native extension is loaded, and Triton
 compiled or autotuned, on first use.
 """
 
-from ._native import native_status
+from .native import native_status
 from .matrix import SparseMatrix
-from .moe import DenseMLP, DroplessMoE, MoEAux, expert_mlp
+from .moe import DenseMLP, DroplessMoE, MoEAux
+from .ops.experts import expert_mlp
 from .ops import (dds, dsd, gather, padded_gather, padded_scatter, scatter, sdd, sparse_activation, sparse_glu,
                   sparse_glu_packed)
 from .router import Router, RouterOutput, load_balancing_loss, z_loss

@@ -95,6 +95,23 @@ def native_device(device: torch.device) -> Literal["cpu", "cuda"]:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float32 for half-precision ``a`` and ``b`` (fp32 accumulation either way).
+
+    CUDA's matmul writes a float32 result from bf16/fp16 operands directly; the CPU's has no
+    such form, so there the operands are upcast first (temporaries, freed at once).
+    """
+    if a.device.type == "cuda" and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=) for this dtype
+            pass
+    return a.float() @ b.float()
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 class Implementation(Protocol):
     """The functions both back ends (``kernels/`` and ``cpu/``) provide, with one signature.
 

@@ -1,8 +1,8 @@
 """DroplessMoE: the Mixture-of-Experts layer users call. Thin: it only composes ops.
 
-    x [T, H] -> Router -> route(expert ids) -> padded_gather -> sdd (x_perm @ W1^T on the
-    topology) -> activation / GLU on the blocks -> dsd (h @ W2) -> padded_scatter (weighted
-    sum of each token's k rows) [+ biases] [+ shared expert]
+    x [T, H] -> Router (top-k ids and weights) -> expert_mlp (the fused expert path:
+    gather + GLU in the first product, weighted scatter in the second, no host read)
+    [+ shared expert]
 
 No token is dropped and there is no capacity factor: each expert's group of rows is padded
 only to the next block boundary (``P <= T*k + E*(b-1)`` rows in all).
@@ -19,17 +19,12 @@ Weight layout (``E`` experts, hidden ``H``, expert width ``F``, ``G = 2`` for a 
     b1  [E, G*F]      optional, added to the SDD blocks (gate and up halves like ``w1``).
     b2  [E, H]        optional, added to each expert's output (before the top-k weighting).
 
-Why this layout: each expert's matrices are ``nn.Linear`` weights, and both products read
-them in place, with no copy per call, as grouped operands (``_grouped.py``): the SDD's right
-operand ``[H, E*G*F]`` is the stack ``w1.transpose(1, 2)`` (block columns ``e*G*F/b ..``
-belong to expert ``e``), the DSD's ``[E*F, H]`` is the stack ``w2``; any strides work. A
-GLU uses ONE SDD over the packed ``[gate | up]`` weight: in the ``P x E*2F`` result each
-block row holds its expert's ``F/b`` gate blocks followed by its ``F/b`` up blocks, so
-``ops.sparse_glu_packed`` reads both halves through strides and writes the ``P x E*F``
-hidden matrix the DSD consumes.
+Why this layout: each expert's matrices are ``nn.Linear`` weights, and the products read
+them in place, with no copy per call, as grouped operands (``grouped.py``), whatever their
+strides.
 
-:func:`expert_mlp` is the same pipeline as a function of a given :class:`Routing` and weights
-(for integrations that own their router and parameters).
+:func:`~blocksparse_moe.ops.experts.expert_mlp` is the expert path as a function of expert
+ids and weights, for integrations that own their router and parameters.
 """
 
 from __future__ import annotations
@@ -42,10 +37,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .matrix import SparseMatrix
+from .ops.experts import expert_mlp, tokens_per_expert
 from .router import SCORES, Router
-from .routing import Routing, route
-from .topology import check_block_size, make_topology
+from .topology import check_block_size
 
 
 @dataclass
@@ -71,103 +65,6 @@ class MoEAux:
     router_logits: torch.Tensor
     expert_indices: torch.Tensor
     expert_weights: torch.Tensor
-
-
-def _check_weight(w: torch.Tensor, name: str, shape: Tuple[int, int, int]) -> None:
-    if tuple(w.shape) != shape:
-        raise ValueError(f"expert_mlp: {name} must be {list(shape)}, got {list(w.shape)}")
-
-
-def _add_column_bias(s: SparseMatrix, bias: torch.Tensor) -> SparseMatrix:
-    """``s + bias`` broadcast over rows, on the stored blocks only (``bias [N]``, ``s [M, N]``).
-
-    Padding rows get the bias too; the unpermute never reads them, so they neither change
-    the output nor send gradient back.
-    """
-    b = s.block_size
-    per_block = bias.view(-1, b)[s.topology.column_indices.long()]  # [nnz, b]
-    return s.with_data(s.data + per_block.unsqueeze(1))
-
-
-def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor], w1: torch.Tensor,
-               w2: torch.Tensor, b1: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None, *,
-               activation: str = "silu", glu: bool = True) -> torch.Tensor:
-    """Every token's ``k`` expert MLPs, weighted and summed: the dropless MoE without its router.
-
-    ``out[t] = sum_j weights[t, j] * (MLP_{e(t, j)}(x[t]))`` with ``MLP_e(x) =
-    (act(x W1g_e^T + b1g_e) * (x W1u_e^T + b1u_e)) W2_e + b2_e`` (GLU) or
-    ``act(x W1_e^T + b1_e) W2_e + b2_e`` (plain MLP).
-
-    Args:
-        x: ``[T, H]``.
-        routing: ``route(expert_indices [T, k], E, block_size)``; its ``topology`` is used
-            when it was built with ``ffn_hidden_size=F``, made here otherwise.
-        weights: ``[T, k]`` (x's dtype or float32), or None for weights 1.
-        w1, w2, b1, b2: see the module docstring (``w1 [E, G*F, H]``, ``w2 [E, F, H]``).
-        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` (or HF aliases).
-        glu: ``w1`` packs ``[gate | up]`` (``G = 2``).
-
-    Returns ``[T, H]`` in x's dtype. Differentiable in x, weights, w1, w2, b1, b2.
-    """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"expert_mlp: routing must be a Routing, got {type(routing).__name__}")
-    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"expert_mlp: {name} must be a tensor, got {type(t).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"expert_mlp: x must be [T, H], got shape {tuple(x.shape)}")
-    if w1.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"expert_mlp: w1 and w2 must be 3-D [E, ., H], got {tuple(w1.shape)} and {tuple(w2.shape)}")
-    tokens, hidden = x.shape
-    experts, ffn, _ = w2.shape
-    groups = 2 if glu else 1
-    b = routing.block_size
-    if routing.num_experts != experts:
-        raise ValueError(f"expert_mlp: routing has {routing.num_experts} experts but w2 has {experts}")
-    if routing.num_tokens != tokens:
-        raise ValueError(f"expert_mlp: routing has {routing.num_tokens} tokens but x has {tokens} rows")
-    if ffn % b:
-        raise ValueError(f"expert_mlp: ffn_hidden_size {ffn} must be a multiple of the block size {b}")
-    _check_weight(w1, "w1", (experts, groups * ffn, hidden))
-    _check_weight(w2, "w2", (experts, ffn, hidden))
-    for name, t, shape in (("b1", b1, (experts, groups * ffn)), ("b2", b2, (experts, hidden))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"expert_mlp: {name} must be {list(shape)}, got {list(t.shape)}")
-    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"expert_mlp: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
-    k = routing.top_k
-    if weights is not None and tuple(weights.shape) != (tokens, k):
-        raise ValueError(f"expert_mlp: weights must be [T, k] = [{tokens}, {k}], got {tuple(weights.shape)}")
-
-    # Every topology gets the routing's P when it is known: no second host read, and under
-    # torch.compile one symbolic P for the whole layer.
-    topo_hidden = routing.topology
-    if topo_hidden is None or topo_hidden.shape[1] != experts * ffn:
-        topo_hidden = make_topology(routing.padded_bins, experts, ffn, b, padded_tokens=routing.known_padded_tokens)
-    topo_in = topo_hidden if groups == 1 else make_topology(routing.padded_bins, experts, groups * ffn, b,
-                                                            padded_tokens=topo_hidden.shape[0])
-
-    x_perm = ops.padded_gather(x, routing, k)  # [P, H], padding rows zero
-    # The weights are grouped operands (any strides, read in place): w1^T [E, H, G*F] is the
-    # SDD's b grouped along its columns, w2 [E, F, H] the DSD's b grouped along its rows.
-    h = ops.sdd(x_perm, w1.transpose(1, 2), topo_in)  # P x E*G*F on the expert blocks only
-    if b1 is not None:
-        h = _add_column_bias(h, b1.reshape(-1))
-    if glu:
-        a = ops.sparse_glu_packed(h, activation, topo_hidden)
-    else:
-        a = ops.sparse_activation(h, activation)
-    y = ops.dsd(a, w2)  # [P, H]
-    out = ops.padded_scatter(y, routing, weights, k)
-    if b2 is not None:
-        # Each slot's expert output bias, weighted like the expert output itself.
-        slot_expert = routing.bin_ids.long()[routing.rows.long()].view(tokens, k)
-        bias = b2[slot_expert]  # [T, k, H]
-        if weights is not None:
-            bias = bias * weights.unsqueeze(-1)
-        out = out + bias.sum(1).to(out.dtype)
-    return out
 
 
 class DenseMLP(nn.Module):
@@ -327,17 +224,17 @@ class DroplessMoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         r = self.router(x2, expert_indices)
-        routing = route(r.indices.contiguous(), self.num_experts, self.block_size,
-                        ffn_hidden_size=self.ffn_hidden_size)
-        out = expert_mlp(x2, routing, r.weights, self.w1, self.w2, self.b1, self.b2,
-                         activation=self.activation, glu=self.glu)
+        # The router's ids are in range: top-k by construction, or checked by the router
+        # when given, so the expert path reads nothing back to the host.
+        out = expert_mlp(x2, r.indices, r.weights, self.w1, self.w2, self.b1, self.b2, activation=self.activation,
+                         glu=self.glu, block_size=self.block_size, check_indices=False)
         if self.shared_expert is not None:
             shared = self.shared_expert(x2)
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(x2 @ self.shared_expert_gate.t())
             out = out + shared
         aux = MoEAux(aux_loss=r.aux_loss, load_balancing_loss=r.load_balancing_loss, z_loss=r.z_loss,
-                     tokens_per_expert=routing.tokens_per_expert, router_logits=r.logits,
+                     tokens_per_expert=tokens_per_expert(r.indices, self.num_experts), router_logits=r.logits,
                      expert_indices=r.indices, expert_weights=r.weights)
         return out.view(shape), aux
 

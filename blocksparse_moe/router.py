@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ops.router import router_logits
 from .routing import checked_expert_ids
 
 SCORES = ("softmax", "sigmoid")
@@ -193,11 +194,8 @@ class Router(nn.Module):
         if self.training and self.jitter_noise > 0:
             eps = self.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        # The gate runs in float32 (float64 stays float64), as DeepSeek-V3 and Megatron's
-        # router do: bf16 logits would round each weight by ~0.4% and flip near-tied
-        # choices. It is tiny next to the experts (E columns), but saves a float32 copy of x.
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        logits = torch.nn.functional.linear(x.to(cdt), self.weight.to(cdt))
+        # float32 logits (float64 stays float64); see ops/router.py for why and how.
+        logits = router_logits(x, self.weight)
         if self.score == "softmax":
             scores = torch.softmax(logits, dim=-1)
         else:

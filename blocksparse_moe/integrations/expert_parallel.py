@@ -34,7 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops
-from ..moe import DroplessMoE, MoEAux, expert_mlp
+from ..moe import DroplessMoE, MoEAux
+from ..ops.experts import expert_mlp
 from ..routing import route
 
 __all__ = ["ExpertParallelMoE", "all_to_all"]

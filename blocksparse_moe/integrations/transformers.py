@@ -7,13 +7,17 @@ implementation named ``"blocksparse_moe"`` to transformers' ``ExpertsInterface``
     model.set_experts_implementation("blocksparse_moe")
 
 runs every ``@use_experts_implementation`` experts module (Mixtral, Qwen2/3-MoE, OLMoE,
-GPT-OSS, DeepSeek, ...) dropless on ``route -> padded_gather -> sdd -> gate -> dsd ->
-padded_scatter``, with autograd. transformers is an optional dependency (extra
+GPT-OSS, DeepSeek, ...) dropless, with autograd. The standard forms (transformers' default
+gate, or no gate, with an activation the kernels know) run the fused expert path,
+:func:`blocksparse_moe.expert_mlp`, the same function ``DroplessMoE`` runs. A custom
+``_apply_gate``, an activation the kernels do not know or a post-expert norm sits between
+the two products, so those forms compose the public unfused ops around the module's own
+function: ``route -> padded_gather -> sdd -> gate -> dsd -> padded_scatter``. transformers is an optional dependency (extra
 ``[transformers]``); nothing here downloads weights.
 
 How the module's weight layouts map onto the two products (``E`` experts, hidden ``H``,
 inner width ``F``, block size ``b``). Both products take the weights as *grouped* operands
-(``blocksparse_moe/_grouped.py``: a 3-D stack read through its three strides), so no expert
+(``blocksparse_moe/grouped.py``: a 3-D stack read through its three strides), so no expert
 weight is copied per call, whatever ``is_transposed`` says:
 
 * ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) is the SDD's right operand
@@ -69,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import ops
 from ..matrix import SparseMatrix
+from ..ops.experts import expert_mlp
 from ..routing import route
 from ..topology import SUPPORTED_BLOCK_SIZES, make_topology
 
@@ -206,9 +211,16 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     w2 = w_out if transposed else w_out.transpose(1, 2)
     w2 = _pad_inner(w2, 1, ffn, ffn_padded, 1, False)
 
+    expert_parallel = bool(getattr(self, "_is_expert_parallel", False))
+    fused = _fused_activation(getattr(self, "act_fn", None)) if (default_gate or not has_gate) else None
+    if fused is not None and not getattr(self, "has_post_expert_norm", False):
+        return _fused_forward(self, hidden_states, top_k_index, top_k_weights, w1, w2, has_gate, has_bias,
+                              interleaved, ffn, ffn_padded, block_size, fused, expert_parallel)
+
+    # A custom gate, an activation or a post-expert norm that expert_mlp does not fuse:
+    # the public unfused ops, with the module's own functions in between.
     # Expert parallelism: ids of experts on other ranks go to a virtual expert E.
     ids = top_k_index
-    expert_parallel = bool(getattr(self, "_is_expert_parallel", False))
     if expert_parallel:
         ids = torch.where((ids < 0) | (ids >= num_experts), torch.full_like(ids, num_experts), ids)
         routing = route(ids.contiguous(), num_experts + 1, block_size)
@@ -247,7 +259,6 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     if bias1 is not None:
         # Block (r, c) holds columns c*b .. c*b+b-1 of its row's expert.
         data = data + bias1.view(block_rows, groups * fb, 1, block_size)
-    fused = _fused_activation(getattr(self, "act_fn", None)) if (default_gate or not has_gate) else None
     if not has_gate:
         if fused is not None:
             act = ops.sparse_activation(data.reshape(-1, block_size, block_size), fused)
@@ -285,6 +296,32 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     # fp32 router weights stay fp32: the scatter sums in fp32 anyway.
     weights = top_k_weights if top_k_weights.dtype in (y.dtype, torch.float32) else top_k_weights.to(y.dtype)
     out = ops.padded_scatter(y, routing, weights, top_k)
+    return out.to(hidden_states.dtype)
+
+
+def _fused_forward(self, hidden_states, top_k_index, top_k_weights, w1, w2, has_gate, has_bias, interleaved,
+                   ffn, ffn_padded, block_size, activation, expert_parallel):
+    """The standard forms (default gate or none, a known activation) on :func:`expert_mlp`."""
+    groups = 2 if has_gate else 1
+    ids, weights = top_k_index, top_k_weights
+    if expert_parallel:
+        # Pairs whose expert lives on another rank contribute exactly zero here: weight 0
+        # (so no gradient either) and any valid id (it is computed, then multiplied by 0).
+        away = (ids < 0) | (ids >= int(self.num_experts))
+        ids = torch.where(away, torch.zeros_like(ids), ids)
+        weights = torch.where(away, torch.zeros_like(weights), weights)
+    b1 = b2 = None
+    if has_bias:
+        b1 = _pad_inner(self.gate_up_proj_bias if has_gate else self.up_proj_bias, 1, ffn, ffn_padded, groups,
+                        interleaved)
+        b2 = self.down_proj_bias
+    x = hidden_states if hidden_states.dtype == w1.dtype else hidden_states.to(w1.dtype)
+    if weights.dtype not in (x.dtype, torch.float32):
+        weights = weights.to(x.dtype)
+    # transformers hands ids that its router made (in range by construction) or, under
+    # expert parallelism, masked above: no host-side range check.
+    out = expert_mlp(x, ids, weights, w1.transpose(1, 2), w2, b1, b2, activation=activation, glu=has_gate,
+                     block_size=block_size, check_indices=False)
     return out.to(hidden_states.dtype)
 
 

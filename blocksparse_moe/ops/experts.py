@@ -1,0 +1,202 @@
+"""The fused expert path: every token's ``k`` expert MLPs, weighted and summed (``expert_mlp``).
+
+    out[t] = sum_j weights[t, j] * MLP_{e(t, j)}(x[t])
+    MLP_e(x) = (act(x W1g_e^T + b1g_e) * (x W1u_e^T + b1u_e)) W2_e + b2_e      (GLU)
+    MLP_e(x) = act(x W1_e^T + b1_e) W2_e + b2_e                                (plain MLP)
+
+This is what ``DroplessMoE`` and the transformers backend run. Unlike the unfused
+MegaBlocks pipeline (``padded_gather -> sdd -> activation -> dsd -> padded_scatter``, still
+public in ``ops.permute``/``ops.products``/``ops.activation``), each back end computes the
+whole path in as few passes as it can:
+
+* Triton (``kernels/experts.py``): the first product reads x's rows straight from the tokens
+  and writes ``act(gate) * up`` from one program; the second multiplies each row by its
+  top-k weight and writes it to its token's slot. Sizes come from the static bound on padded
+  rows, ``P <= T*k + E*(b-1)``: no host read of device data in forward or backward, so the
+  layer can be captured in a CUDA graph.
+* CPU (``cpu/experts.py``): per-expert contiguous row ranges and one GEMM per expert; the
+  block layout is the GPU's.
+
+Forward and backward are one ``blocksparse_moe::`` custom op each, so ``torch.compile``
+sees two opaque nodes whose fakes give static shapes. What backward keeps is the back end's
+``saved`` list (the pre-activation and the sort order), plus the inputs.
+
+Expert ids passed by a caller are range-checked on the host (one read; a clear error
+instead of an out-of-bounds access). The layer's own router produces ids in range by
+construction and skips that check (``check_indices=False``).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import backend, checks
+from ..library import custom_op
+from ..routing import Routing, checked_expert_ids
+from ..topology import check_block_size
+from .activation import canonical_activation
+
+
+def _forward_fake(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size):
+    out, saved = backend.impl(x).experts_forward_fake(x, expert_indices, weights, w1, w2, b1, b2,
+                                                      num_experts=num_experts, act=act, glu=glu,
+                                                      block_size=block_size)
+    return [out, *saved]
+
+
+@custom_op("experts_forward", _forward_fake)
+def _forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor], w1: torch.Tensor,
+             w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], num_experts: int, act: str,
+             glu: bool, block_size: int) -> List[torch.Tensor]:
+    """``[out, *saved]`` of the back end's ``experts_forward``."""
+    out, saved = backend.impl(x).experts_forward(x, expert_indices, weights, w1, w2, b1, b2,
+                                                 num_experts=num_experts, act=act, glu=glu, block_size=block_size)
+    return [out, *saved]
+
+
+def _backward_fake(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size,
+                   needs):
+    inputs = (x, weights, w1, w2, b1, b2)
+    return [torch.empty_like(t) for t, need in zip(inputs, needs) if need and t is not None]
+
+
+@custom_op("experts_backward", _backward_fake)
+def _backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Tensor, expert_indices: torch.Tensor,
+              weights: Optional[torch.Tensor], w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor],
+              b2: Optional[torch.Tensor], num_experts: int, act: str, glu: bool, block_size: int,
+              needs: List[bool]) -> List[torch.Tensor]:
+    """The gradients the back end computed, for the inputs of ``needs`` that exist, in order."""
+    grads = backend.impl(x).experts_backward(dout, list(saved), x, expert_indices, weights, w1, w2, b1, b2,
+                                             num_experts=num_experts, act=act, glu=glu, block_size=block_size,
+                                             needs_input_grad=tuple(needs))
+    inputs = (x, weights, w1, w2, b1, b2)
+    return [g for g, t, need in zip(grads, inputs, needs) if need and t is not None]
+
+
+class _ExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, b1, b2, expert_indices, num_experts, act, glu, block_size):
+        out, *saved = _forward(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size)
+        ctx.save_for_backward(x, weights, w1, w2, b1, b2, expert_indices, *saved)
+        ctx.config = (num_experts, act, glu, block_size)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, weights, w1, w2, b1, b2, expert_indices, *saved = ctx.saved_tensors
+        inputs = (x, weights, w1, w2, b1, b2)
+        needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:6], inputs)]
+        if not any(needs):
+            return (None,) * 11
+        grads = iter(_backward(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, *ctx.config, needs))
+        return (*(next(grads) if need else None for need in needs), None, None, None, None, None)
+
+
+def _expert_ids(op: str, routing: Union[torch.Tensor, Routing], tokens: int, device: torch.device,
+                check: bool) -> torch.Tensor:
+    """``[T, k]`` int64 contiguous expert ids from ids or from a :class:`Routing`."""
+    if isinstance(routing, Routing):
+        # The routing sorted the slots: put each expert id back at its slot (no host read).
+        ids = torch.empty(routing.indices.numel(), dtype=torch.int64, device=routing.indices.device)
+        ids[routing.indices.long()] = routing.bin_ids.long()
+        ids = ids.view(routing.num_tokens, routing.top_k)
+    else:
+        checks.tensor(op, "expert_indices", routing)
+        if routing.dtype not in checks.INDEX_DTYPES:
+            raise TypeError(f"{op}: expert_indices must be int32 or int64, got {routing.dtype}")
+        checks.dims(op, "expert_indices", routing, (2,), "[T, k]")
+        ids = routing
+    if ids.shape[0] != tokens:
+        raise ValueError(f"{op}: expert_indices has {ids.shape[0]} rows but x has {tokens} tokens")
+    if ids.shape[1] < 1:
+        raise ValueError(f"{op}: expert_indices must have k >= 1 columns, got shape {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{op}: expert_indices is on {ids.device} but x is on {device}")
+    return ids
+
+
+def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], weights: Optional[torch.Tensor],
+               w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor] = None,
+               b2: Optional[torch.Tensor] = None, *, activation: str = "silu", glu: bool = True,
+               block_size: Optional[int] = None, check_indices: bool = True) -> torch.Tensor:
+    """Every token's ``k`` expert MLPs, weighted and summed: the dropless MoE without its router.
+
+    Args:
+        x: ``[T, H]``, any strides; fp32/fp16/bf16 (fp64 on the CPU path).
+        expert_indices: ``[T, k]`` int32/int64 expert ids (a :class:`Routing` from
+            :func:`blocksparse_moe.route` is accepted too). Duplicates within a row are allowed.
+        weights: ``[T, k]`` in x's dtype or float32, or None for weights 1.
+        w1: ``[E, G*F, H]`` (``G = 2`` for a GLU: gate rows ``[0, F)``, up rows ``[F, 2F)``), any strides.
+        w2: ``[E, F, H]`` (``w2[e] = down_proj[e].T``), any strides.
+        b1, b2: optional ``[E, G*F]`` and ``[E, H]`` biases (b2 is weighted like its expert's output).
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` (or Hugging Face aliases).
+        glu: ``w1`` packs ``[gate | up]``.
+        block_size: rows per block of the GPU kernels (16, 32, 64, 128; F must be a multiple);
+            default: the routing's, else the largest that divides F.
+        check_indices: range-check ``expert_indices`` on the host (one read of device data).
+            Pass False only for ids in ``[0, E)`` by construction (a router's top-k).
+
+    Returns:
+        ``[T, H]`` in x's dtype, accumulated in fp32. Differentiable in x, weights, w1, w2, b1, b2.
+        Deterministic: the ``k`` slots of a token are summed in a fixed order, no atomics.
+    """
+    op = "expert_mlp"
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        checks.float_tensor(op, name, t)
+    for name, t in (("b1", b1), ("b2", b2)):
+        checks.float_tensor(op, name, t, optional=True)
+    checks.dims(op, "x", x, (2,), "[T, H]")
+    checks.dims(op, "w1", w1, (3,), "[E, G*F, H]")
+    checks.dims(op, "w2", w2, (3,), "[E, F, H]")
+    named = (("x", x), ("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2))
+    checks.same_dtype(op, named)
+    checks.same_device(op, named)
+    tokens, hidden = x.shape
+    experts, ffn, _ = w2.shape
+    groups = 2 if glu else 1
+    checks.shape(op, "w1", w1, (experts, groups * ffn, hidden), "[E, G*F, H]")
+    checks.shape(op, "w2", w2, (experts, ffn, hidden), "[E, F, H]")
+    if b1 is not None:
+        checks.shape(op, "b1", b1, (experts, groups * ffn), "[E, G*F]")
+    if b2 is not None:
+        checks.shape(op, "b2", b2, (experts, hidden), "[E, H]")
+    act = canonical_activation(activation, op)
+    if isinstance(expert_indices, Routing):
+        if expert_indices.num_experts != experts:
+            raise ValueError(f"{op}: routing has {expert_indices.num_experts} experts but w2 has {experts}")
+        block_size = expert_indices.block_size if block_size is None else block_size
+    ids = _expert_ids(op, expert_indices, tokens, x.device, check_indices)
+    k = ids.shape[1]
+    if block_size is None:
+        block_size = next((b for b in (128, 64, 32, 16) if ffn % b == 0), 0)
+        if not block_size:
+            raise ValueError(f"{op}: w2 has F = {ffn}, which no block size (16, 32, 64, 128) divides")
+    check_block_size(block_size, f"{op}: block_size")
+    if ffn % block_size:
+        raise ValueError(f"{op}: F = {ffn} (w2 {tuple(w2.shape)}) must be a multiple of block_size {block_size}")
+    if weights is not None:
+        checks.tensor(op, "weights", weights)
+        if weights.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{op}: weights must have x's dtype ({x.dtype}) or float32, got {weights.dtype}")
+        checks.same_device(op, (("x", x), ("weights", weights)))
+        checks.shape(op, "weights", weights, (tokens, k), "[T, k]")
+    if check_indices and not isinstance(expert_indices, Routing):
+        ids = checked_expert_ids(op, ids, experts)
+    else:
+        ids = ids.to(torch.int64).contiguous()
+    return _ExpertsFn.apply(x, weights, w1, w2, b1, b2, ids, experts, act, bool(glu), block_size)
+
+
+def tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E]`` int32 count of the slots routed to each expert (no host read)."""
+    flat = expert_indices.reshape(-1).to(torch.int64)
+    # scatter_add_ has a static output size (bincount's is data-dependent and syncs a GPU);
+    # integer adds, so exact and deterministic.
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat)).to(torch.int32)
+
+
+__all__: Sequence[str] = ["expert_mlp", "tokens_per_expert"]
