@@ -24,7 +24,6 @@ import tempfile
 import pytest
 import triton
 
-from blocksparse_moe.kernels import experts as K
 
 pytestmark = pytest.mark.slow
 
