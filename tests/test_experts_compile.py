@@ -10,7 +10,7 @@ run on real hardware at all.
 Arguments are specialised as a real launch on contiguous tensors specialises them: unit
 strides become the constant 1, pointers and the other strides and sizes are known to be
 multiples of 16. Variants: every constexpr branch on (GLU, biases, weights, router-weight
-gradient, the gelu_tanh epilogue, the heaviest), bf16, at the largest tiles each launcher
+gradient, the gelu_tanh epilogue or operand load, the heaviest), bf16, at the largest tiles each launcher
 can get on sm_90 (``_plan``: 64 for the up and activation-backward kernels, 128 otherwise)
 with 8 and with 4 warps. ~1 minute of CPU: marked slow.
 """
@@ -24,7 +24,6 @@ import tempfile
 import pytest
 import triton
 
-from blocksparse_moe.kernels import experts as K
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +76,11 @@ for _warps, _stages in ((8, 3), (4, 4)):
     _capped = dict(BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     _full = dict(BLOCK=128, BLOCK_M=128, BLOCK_N=128 if _warps == 8 else 64, BLOCK_K=64)
     for _name, _kernel, _consts in [
-        ("up", "_up_kernel", dict(**_capped, ACT=2, GLU=True, HAS_BIAS=True, SAVE_H=True)),
-        ("down", "_down_kernel", dict(**_full, HAS_BIAS=True, HAS_WEIGHTS=True)),
+        ("up", "_up_kernel", dict(**_capped, GLU=True, HAS_BIAS=True)),
+        ("down", "_down_kernel", dict(**_full, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=False, ACT=0,
+                                      GLU=False)),
+        ("down_glu", "_down_kernel", dict(**_full, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=True, ACT=2,
+                                          GLU=True)),
         ("act_bwd", "_act_bwd_kernel", dict(**_capped, ACT=2, GLU=True, HAS_B2=True, HAS_WEIGHTS=True,
                                             DWEIGHTS=True, STORE_A=True, STORE_DH=True)),
         ("wgrad", "_wgrad_kernel", dict({k: v for k, v in _full.items() if k != "BLOCK"}, HAS_WEIGHTS=True,

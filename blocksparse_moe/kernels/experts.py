@@ -2,7 +2,8 @@
 inside the two products, no host read of device data.
 
     forward   h_r  = x[tok(r)] @ W1[e(r)]^T + b1[e(r)]           h = [g | u]  (pre-activation, kept)
-              a_r  = act(g_r) * u_r            (GLU)   or  act(h_r)   (plain MLP)
+              a_r  = act(g_r) * u_r            (GLU)   or  act(h_r)   (plain MLP; never stored:
+                                                 made from h's tiles as the down product loads them)
               y_s  = w_s * (a_r @ W2[e(r)] + b2[e(r)])           written by slot s = slot(r)
               out_t = sum_j y_{t*k+j}                            (fixed order, no atomics)
     backward  P_r  = dout[tok(r)] @ W2[e(r)]^T                   (unweighted)
@@ -52,11 +53,14 @@ Arguments (every tensor read and written through its strides; ``G = 2`` for a GL
 Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M <= b):
     _up_kernel        grid (P_max/BLOCK_M, F/BLOCK_N). Gather-GEMM of x's rows with the gate
                       AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
-                      b1, stores [g | u] (rounded) and act(g)*u. Reads row_slots, block_expert.
+                      b1 and stores [g | u] (rounded). Reads row_slots, block_expert.
     _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [P, K]
                       buffer with W[e] [K, H]; epilogue adds the bias, multiplies by w_s and
-                      stores each row at its slot (padding rows store nothing). Forward (a @ W2)
-                      and dx (dh @ W1). Reads row_slots, block_expert.
+                      stores each row at its slot (padding rows store nothing). Forward
+                      (ACT_ON_LOAD: reads h's gate and up tiles, columns c and F + c, makes
+                      act(g)*u in fp32 and rounds it to x's dtype, the value a stored and
+                      reloaded would have, before the dot: a @ W2 without a) and dx (dh @ W1,
+                      a plain operand). Reads row_slots, block_expert.
     _act_bwd_kernel   grid (P_max/BLOCK_M, F/b). Gather-GEMM of dout's rows with W2[e]^T over
                       one block column (b columns, BLOCK_N at a time); epilogue recomputes
                       act from the saved h, stores dh = [dg | du] and a (for dW2), and the
@@ -69,18 +73,23 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M 
                       (db1) or of R (db2). Reads expert_offsets, row_slots.
 Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
 two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
-``_plan``: their epilogues hold several fp32 tiles at once).
+``_plan``: their epilogues hold several fp32 tiles at once); the down kernel, the GLU on its
+load included, compiles without spills at 128 (tests/test_experts_compile.py).
 
-What each pass allocates (``[P_max, *]`` in x's dtype unless said):
-    forward   hidden [P_max, G*F] (kept for backward), a [P_max, F], y [T*k, H] (none when
-              k == 1: written straight into out), out [T, H]
+What each pass allocates (``[P_max, *]`` in x's dtype unless said) and reads:
+    forward   hidden [P_max, G*F] (kept for backward), y [T*k, H] (none when k == 1:
+              written straight into out), out [T, H]. Reads x's rows, W1, b1 (up), then
+              hidden once (gate and up tiles), W2, b2 and the weights (down), y (the sum).
     backward  dh [P_max, G*F]; one scratch of max(P_max*F, T*k*H) elements that holds a for
               dW2, then (a is dead) the per-slot dx rows; part [F/b, T*k] fp32; the
-              gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks)
+              gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks).
+              Reads dout's rows, W2, b2, the weights and hidden (act_bwd), a and dout (dW2),
+              dh and x (dW1), dh and W1 (dx).
 Kept for backward (``saved``): hidden and the routing's int32 vectors, besides x, the
 weights and the parameters. At T=256 H=256 F=128 E=16 k=4 b=32 bf16 (unit T*k*H*2 bytes):
-kept 1.54, fresh tensors in forward + backward 6.44 (one set of weight gradients not
-counted), host reads 0 (tests/test_experts_triton.py measures them).
+kept 1.54, fresh tensors in forward + backward 5.67 (forward: hidden 1.5 + y 1 + out 0.25;
+one set of weight gradients not counted), host reads 0 (tests/test_experts_triton.py
+measures them).
 """
 
 from __future__ import annotations
@@ -128,12 +137,12 @@ def _act_and_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_ptr,
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
                H, FFN, TOP_K, NUM_EXPERTS,
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
-               stride_hr, stride_hc, stride_ar, stride_ac,
+               stride_hr, stride_hc,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr,
+               GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
@@ -169,19 +178,13 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
             acc_g += tl.load(b_ptrs).to(tl.float32)[None, :]
             if GLU:
                 acc_u += tl.load(b_ptrs + FFN * stride_bc).to(tl.float32)[None, :]
-        # The activation reads the *rounded* pre-activation, exactly what backward reloads,
-        # so forward and backward differentiate the same function.
-        g = acc_g.to(a_ptr.dtype.element_ty)
+        # Only the pre-activation is stored (rounded): the down product applies the
+        # activation as it loads these tiles, so forward and backward both differentiate
+        # the function of the same rounded values.
         h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
-        if SAVE_H:
-            tl.store(h_ptrs, g)
-        a, _ = _act_and_grad(g.to(tl.float32), ACT)
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty))
         if GLU:
-            u = acc_u.to(a_ptr.dtype.element_ty)
-            if SAVE_H:
-                tl.store(h_ptrs + FFN * stride_hc, u)
-            a = a * u.to(tl.float32)
-        tl.store(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, a.to(a_ptr.dtype.element_ty))
+            tl.store(h_ptrs + FFN * stride_hc, acc_u.to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -191,6 +194,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
                  stride_gt, stride_gj, stride_ys, stride_yn,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                 ACT_ON_LOAD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
@@ -209,7 +213,18 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
         w_ptrs = w_ptr + ex * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, KDIM, BLOCK_K):  # KDIM (F or 2F) is a multiple of BLOCK_K
-            a = tl.load(a_ptrs)
+            if ACT_ON_LOAD:
+                # The GLU on the operand load: the [P, G*F] buffer is the pre-activation
+                # h = [g | u] (KDIM = F: gate column c, up column F + c), a = act(g) * u
+                # (or act(h)) in fp32, rounded once to the storage dtype: the same numbers
+                # as storing a and reloading it, and as backward's recomputed a.
+                g = tl.load(a_ptrs).to(tl.float32)
+                act, _ = _act_and_grad(g, ACT)
+                if GLU:
+                    act = act * tl.load(a_ptrs + KDIM * stride_ac).to(tl.float32)
+                a = act.to(a_ptr.dtype.element_ty)
+            else:
+                a = tl.load(a_ptrs)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
             acc = _common.dot(a, w, acc, INTERPRET, INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ac
@@ -377,6 +392,11 @@ def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype:
     return _common.launch_plan(kernel, min(block_size, max_tile), split, device, key=key)
 
 
+# The down kernel's autotuning key: the two variants (activation on the load in forward,
+# a plain operand for dx) tune apart even where KDIM matches (plain MLP: F both times).
+_DOWN_KEY = ["N", "KDIM", "ACT_ON_LOAD"]
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -455,7 +475,6 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     saved = [hidden, row_slots, block_expert, expert_offsets]
     if tokens == 0 or hidden_size == 0:
         return out.zero_(), saved
-    a = _new((p_max, ffn), dtype, device)
     # k == 1: each token has one slot, so the down product writes the output itself.
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
     common = dict(BLOCK=block_size, INTERPRET=_common.interpret_flag(),
@@ -464,18 +483,20 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     with _device_guard(x):
         kernel, meta = _plan(_up_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
         kernel[lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"])](
-            x, w1, b1 if b1 is not None else w1, hidden, a, row_slots, block_expert,
+            x, w1, b1 if b1 is not None else w1, hidden, row_slots, block_expert,
             hidden_size, ffn, top_k, num_experts,
             x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
-            hidden.stride(0), hidden.stride(1), a.stride(0), a.stride(1),
-            ACT=code, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=True, **common, **meta)
-        kernel, meta = _plan(_down_kernel, block_size, "mk", device, ["N", "KDIM"], dtype)
+            hidden.stride(0), hidden.stride(1),
+            GLU=glu, HAS_BIAS=b1 is not None, **common, **meta)
+        # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
+        kernel, meta = _plan(_down_kernel, block_size, "mk", device, _DOWN_KEY, dtype)
         kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
-            a, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
+            hidden, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
             hidden_size, ffn, top_k, num_experts,
-            a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+            hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
             *_strides2(weights), y.stride(0), y.stride(1),
-            HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, **common, **meta)
+            HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code, GLU=glu,
+            **common, **meta)
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
@@ -565,13 +586,14 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
                 HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False, **common, **meta_w)
         if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
             rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
-            kernel, meta = _plan(_down_kernel, block_size, "mk", device, ["N", "KDIM"], dtype)
+            kernel, meta = _plan(_down_kernel, block_size, "mk", device, _DOWN_KEY, dtype)
             kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
                 dh, w1, w1, x, rows, row_slots, block_expert,
                 hidden_size, groups * ffn, top_k, num_experts,
                 dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
                 rows.stride(0), rows.stride(1),
-                BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, **common, **meta)
+                BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
+                **common, **meta)
             if top_k > 1:
                 torch.sum(rows.view(tokens, top_k, hidden_size), dim=1, out=dx)
     if need_dwt:  # the F/b partials of each slot, summed in a fixed order
