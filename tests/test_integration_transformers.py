@@ -410,21 +410,21 @@ def test_experts_read_weights_in_place(path, monkeypatch, transposed):
     launchers as grouped 3-D views of the parameters, and the forward allocates nothing as
     large as a weight. (H = F = 64, 8 experts and blocks of 16 keep every activation below
     the size of down_proj.)"""
-    from blocksparse_moe import ops
+    import blocksparse_moe.ops.experts as experts_op
 
     experts = _toy_experts(gate="default", transposed=transposed, bias=False, post_norm=False, ffn=64, hidden=64,
                            num_experts=8).to(path)
     experts.blocksparse_moe_max_block_size = 16
     experts.config._experts_implementation = NAME
     launched = []
-    for name in ("_sdd_launch", "_dsd_launch"):
-        real = getattr(ops, name)
+    real = experts_op._forward
 
-        def spy(x, b, *args, _real=real, _name=name, **kw):
-            launched.append((_name, b))
-            return _real(x, b, *args, **kw)
+    def spy(x, ids, weights, w1, w2, *args):
+        launched.append(("w1", w1))
+        launched.append(("w2", w2))
+        return real(x, ids, weights, w1, w2, *args)
 
-        monkeypatch.setattr(ops, name, spy)
+    monkeypatch.setattr(experts_op, "_forward", spy)
     idx = _routing_case("uneven", 6, 2, 8, path)
     x = torch.randn(6, 64, device=path)
     w = torch.rand(6, 2, device=path)
@@ -436,8 +436,8 @@ def test_experts_read_weights_in_place(path, monkeypatch, transposed):
     experts.config._experts_implementation = "batched_mm"
     with torch.no_grad():
         assert_close(out, experts(x, idx, w), torch.float32, "layer", msg="in-place weights")
-    weights = {"_sdd_launch": experts.gate_up_proj, "_dsd_launch": experts.down_proj}
-    assert [n for n, _ in launched] == ["_sdd_launch", "_dsd_launch"]
+    weights = {"w1": experts.gate_up_proj, "w2": experts.down_proj}
+    assert [n for n, _ in launched] == ["w1", "w2"]
     for name, b in launched:
         assert b.dim() == 3, f"{name} got a 2-D (copied) weight {tuple(b.shape)}"
         assert b.untyped_storage().data_ptr() == weights[name].untyped_storage().data_ptr(), \

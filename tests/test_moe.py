@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blocksparse_moe import backend, reference
-from blocksparse_moe.moe import DenseMLP, DroplessMoE, MoEAux, expert_mlp
+import blocksparse_moe as bm
+from blocksparse_moe.moe import DenseMLP, DroplessMoE, MoEAux
+from blocksparse_moe.ops.experts import expert_mlp
 from blocksparse_moe.routing import route
 from tolerances import assert_close
 
@@ -165,31 +167,22 @@ def test_forced_routing_distributions(kind, tokens, experts, top_k, block_size, 
     assert torch.equal(aux.expert_indices, idx)
 
 
-def test_padding_waste_is_bounded(monkeypatch):
+def test_padding_waste_is_bounded():
     """The layer's permuted activation has P <= T*k + E*(b-1) rows, for skewed routings too."""
-    import blocksparse_moe.moe as moe_mod
+    # The padded layout of every back end: route()'s P (the unfused ops, the CPU sizes) and
+    # the Triton path's static bound, which sizes its buffers without reading P.
+    from blocksparse_moe.kernels.static_routing import padded_rows_bound
 
-    seen = []
-    real = moe_mod.ops.padded_gather
-
-    def spy(x, routing, top_k):
-        out = real(x, routing, top_k)
-        seen.append(out.shape[0])
-        return out
-
-    monkeypatch.setattr(moe_mod.ops, "padded_gather", spy)
-    with backend.prefer_on_cpu("cpu"):
-        for kind in ("uniform", "skewed", "empty-experts", "one-expert-takes-all"):
-            for tokens, experts, k, b in ((37, 8, 2, 16), (5, 64, 8, 32), (100, 4, 1, 128)):
-                layer = make_layer(hidden=16, ffn=b, experts=experts, top_k=k, block_size=b)
-                idx = _forced_indices(kind, tokens, experts, k, 0)
-                seen.clear()
-                layer(torch.randn(tokens, 16), expert_indices=idx)
-                bound = tokens * k + experts * (b - 1)
-                assert seen and seen[0] <= bound, f"{kind}: P={seen[0]} > T*k + E*(b-1) = {bound}"
-                # and it is exactly the block-rounded group sizes
-                tpe = torch.bincount(idx.reshape(-1), minlength=experts)
-                assert seen[0] == int(((tpe + b - 1) // b * b).sum())
+    for kind in ("uniform", "skewed", "empty-experts", "one-expert-takes-all"):
+        for tokens, experts, k, b in ((37, 8, 2, 16), (5, 64, 8, 32), (100, 4, 1, 128)):
+            idx = _forced_indices(kind, tokens, experts, k, 0)
+            p = bm.route(idx, experts, b).padded_tokens
+            bound = tokens * k + experts * (b - 1)
+            assert p <= bound, f"{kind}: P={p} > T*k + E*(b-1) = {bound}"
+            assert bound <= padded_rows_bound(tokens, k, experts, b) < bound + b
+            # and it is exactly the block-rounded group sizes
+            tpe = torch.bincount(idx.reshape(-1), minlength=experts)
+            assert p == int(((tpe + b - 1) // b * b).sum())
 
 
 # -- router behaviour through the layer ----------------------------------------------------
@@ -305,18 +298,20 @@ def test_expert_mlp_bad_arguments():
     x = torch.randn(5, 32)
     routing = route(torch.zeros(5, 2, dtype=torch.int64), 4, 16, ffn_hidden_size=32)
     w1, w2 = layer.w1.detach(), layer.w2.detach()
-    with pytest.raises(ValueError, match=r"w1 must be \[4, 64, 32\]"):
+    with pytest.raises(ValueError, match=r"w1 must be \[E, G\*F, H\] = \[4, 64, 32\]"):
         expert_mlp(x, routing, None, w1[:, :32], w2)
-    with pytest.raises(ValueError, match="routing has 5 tokens but x has 4 rows"):
+    with pytest.raises(ValueError, match="expert_indices has 5 rows but x has 4 tokens"):
         expert_mlp(x[:4], routing, None, w1, w2)
     with pytest.raises(ValueError, match=r"weights must be \[T, k\] = \[5, 2\]"):
         expert_mlp(x, routing, torch.ones(5, 1), w1, w2)
-    with pytest.raises(TypeError, match="w2 is torch.float64"):
+    with pytest.raises(TypeError, match="expert_mlp: w2 (is torch.float64|has dtype torch.float64)"):
         expert_mlp(x, routing, None, w1, w2.double())
-    with pytest.raises(TypeError, match="routing must be a Routing"):
+    with pytest.raises(TypeError, match="expert_indices must be a tensor, got NoneType"):
         expert_mlp(x, None, None, w1, w2)
-    with pytest.raises(ValueError, match="must be a multiple of the block size 16"):
+    with pytest.raises(ValueError, match="F = 8 .* must be a multiple of block_size 16"):
         expert_mlp(x, routing, None, torch.zeros(4, 16, 32), torch.zeros(4, 8, 32))
+    with pytest.raises(ValueError, match=r"expert_mlp: expert_indices must lie in \[0, 4\), got values in \[0, 4\]"):
+        expert_mlp(x, torch.full((5, 2), 4), None, w1, w2, block_size=16)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "column-major-experts"])

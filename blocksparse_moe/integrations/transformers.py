@@ -318,10 +318,10 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights, w1, w2, has_
     x = hidden_states if hidden_states.dtype == w1.dtype else hidden_states.to(w1.dtype)
     if weights.dtype not in (x.dtype, torch.float32):
         weights = weights.to(x.dtype)
-    # transformers hands ids that its router made (in range by construction) or, under
-    # expert parallelism, masked above: no host-side range check.
+    # Ids come from outside the package: range-checked (one host read), except under
+    # expert parallelism where the masking above put every one in range.
     out = expert_mlp(x, ids, weights, w1.transpose(1, 2), w2, b1, b2, activation=activation, glu=has_gate,
-                     block_size=block_size, check_indices=False)
+                     block_size=block_size, check_indices=not expert_parallel)
     return out.to(hidden_states.dtype)
 
 
