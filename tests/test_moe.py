@@ -310,7 +310,7 @@ def test_expert_mlp_bad_arguments():
         expert_mlp(x, None, None, w1, w2)
     with pytest.raises(ValueError, match="F = 8 .* must be a multiple of block_size 16"):
         expert_mlp(x, routing, None, torch.zeros(4, 16, 32), torch.zeros(4, 8, 32))
-    with pytest.raises(ValueError, match=r"expert_mlp: expert_indices must lie in \[0, 4\), got values in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"expert_mlp: expert_indices must lie in \[0, 4\), got values in \[4, 4\]"):
         expert_mlp(x, torch.full((5, 2), 4), None, w1, w2, block_size=16)
 
 
