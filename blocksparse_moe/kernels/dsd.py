@@ -117,17 +117,20 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if m == 0 or n == 0:
         return out
-    kernel, meta = _common.launch_plan(_dsd_kernel, bs, "mk", data.device, key=["N"])
+    # Autotune key: S or S^T (the backward's dW products walk S^T: long reductions over the
+    # tokens of one expert), which operands are transposed views (dds runs here on a.t() and
+    # out.t()), and the three sizes, bucketed (next power of two).
+    tiles = _common.Tiles("mk", bs, data.dtype, key=(
+        transposed, b.stride(-1) == 1, out.stride(1) == 1, _common.bucket(m), _common.bucket(n), _common.bucket(k)))
 
     def grid(p):
         return (m // p["BLOCK_M"], triton.cdiv(n, p["BLOCK_N"]))
 
-    kernel[grid](
+    _common.launch(
+        _dsd_kernel, grid,
         data, b, out, row_offsets, block_cols, block_index,
         n, group_rows,
         data.stride(0), stride_dm, stride_dk, bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1),
-        BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None,
-        INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(data.dtype),
-        **meta,
+        device=data.device, tiles=tiles, BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None,
     )
     return out

@@ -121,17 +121,20 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
                          f"{a.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if nnz == 0:
         return out
-    kernel, meta = _common.launch_plan(_sdd_kernel, block_size, "mn", a.device, key=["K"])
+    # Autotune key: what changes the best tiles. The row gather and which operand is
+    # transposed (the backward's a.t() / b.t() views) change the loads; K is the loop length
+    # and nnz the number of blocks to spread over the SMs (both bucketed: next power of two).
+    tiles = _common.Tiles("mn", block_size, a.dtype, key=(
+        a_rows is not None, a.stride(1) == 1, b.stride(-1) == 1, _common.bucket(a.shape[1]), _common.bucket(nnz)))
 
     def grid(p):
         return (nnz * (block_size // p["BLOCK_M"]) * (block_size // p["BLOCK_N"]),)
 
-    kernel[grid](
+    _common.launch(
+        _sdd_kernel, grid,
         a, b, out, row_indices, column_indices, a_rows,
         a.shape[1], group_cols,
         a.stride(0), a.stride(1), bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK=block_size, HAS_A_ROWS=a_rows is not None, EPILOGUE=epilogue,
-        INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(a.dtype),
-        **meta,
+        device=a.device, tiles=tiles, BLOCK=block_size, HAS_A_ROWS=a_rows is not None, EPILOGUE=epilogue,
     )
     return out
