@@ -360,6 +360,8 @@ def _compile_one(job: dict) -> dict:
         result.update(ok=True, regs=res["regs"], spill_bytes=res["stack"] + res["local"],
                       shared=kernel.metadata.shared + res["static_shared"], mma=_mma_kind(kernel.asm["ptx"]),
                       buffers=max(buffers) if buffers else 0)
+        if job.get("keep_ttir"):
+            result["ttir"] = kernel.asm["ttir"]
     except Exception as exc:  # the compile error is the result
         # Triton wraps the cause (e.g. "Cannot access global variable") in a CompilationError
         # that shows the source line: keep the head and tail of every exception in the chain.

@@ -3,8 +3,8 @@
 * :func:`dot` is THE workaround for Triton's interpreter multiplying bf16 bit patterns in
   ``tl.dot`` (triton-lang/triton issue 11584): when the ``INTERPRET`` constexpr is set it
   upcasts bf16 (and fp16, harmless: the interpreter's matmul is numpy anyway) operands to
-  fp32 first. Launchers pass ``INTERPRET=interpret_flag()``. On a GPU the branch is compiled
-  away and the operands reach the tensor cores in their own dtype.
+  fp32 first. :meth:`Tiles.constexprs` passes ``INTERPRET=interpret_flag()``. On a GPU the
+  branch is compiled away and the operands reach the tensor cores in their own dtype.
 * :func:`input_precision` picks ``tl.dot``'s fp32 mode: ``"ieee"`` (true fp32) unless the user
   allowed TF32 for CUDA matmuls (``torch.backends.cuda.matmul.fp32_precision`` or the legacy
   ``allow_tf32``), the same switch that governs ``torch.matmul``. Only fp32 operands care.
@@ -96,15 +96,17 @@ _CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int, int]]] = {
     ("sm80", "half"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
                        (64, 64, 64, 4, 3)],
     ("sm80", "tf32"): [(128, 64, 16, 4, 4), (64, 128, 16, 4, 4), (64, 64, 32, 4, 3), (64, 64, 16, 4, 4)],
-    ("sm80", "fp32"): [(64, 64, 16, 4, 2), (64, 32, 16, 4, 2), (32, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
+    ("sm80", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
     ("sm90", "half"): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                        (64, 64, 64, 4, 4), (64, 64, 32, 4, 5)],
     ("sm90", "tf32"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
-    ("sm90", "fp32"): [(64, 64, 16, 4, 2), (64, 32, 16, 4, 2), (32, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
+    ("sm90", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
+    # tcgen05 keeps the accumulator in tensor memory, but a 128x128 fp32 tile with 4 warps
+    # still spills on its way out (24 bytes, TF32 dsd): 8 warps there.
     ("sm100", "half"): [(128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                         (64, 64, 64, 4, 4)],
-    ("sm100", "tf32"): [(128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
-    ("sm100", "fp32"): [(64, 64, 16, 4, 2), (64, 32, 16, 4, 2), (32, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
+    ("sm100", "tf32"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
+    ("sm100", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
 }
 _INTERPRETED = (32, 32, 32, 1, 1)  # small, but b >= 64 is split so the tiling is exercised
 
