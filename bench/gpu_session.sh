@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (fits in ~10 minutes on an
-# H100/H200): build _C in place, the -m gpu tests, compute-sanitizer over every CUDA op,
-# the main job and both benchmarks. Logs and results go to $OUT (or bench/results/gpu-run).
+# H100/H200): build _C in place, the -m gpu tests, a layer on cuda:1 against cuda:0 when two
+# GPUs are visible, compute-sanitizer over every CUDA op, the compile sweep for this GPU's
+# capability (every kernel variant and config; no spills, shared memory within the device's
+# limit), the main job and both benchmarks. Logs and results go to $OUT (or bench/results/gpu-run).
 #
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
 #
@@ -23,6 +25,20 @@ export BLOCKSPARSE_MOE_REQUIRE_NATIVE=1
 step "pytest -m gpu"
 timeout 240 python3 -m pytest tests -q -m gpu -x -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1 || status=1
 tail -5 "$out/pytest-gpu.log"
+
+step "two GPUs"
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+    timeout 120 python3 -m pytest tests/test_gpu_support.py -q -m gpu -p no:cacheprovider >"$out/two-gpus.log" 2>&1 \
+        || status=1
+    tail -3 "$out/two-gpus.log"
+else
+    echo "$gpus GPU visible: the cuda:1 check needs two (skipped)"
+fi
+
+step "compile sweep for this GPU"
+timeout 300 python3 bench/compile_report.py --capability auto --out-dir "$out" >"$out/compile.log" 2>&1 || status=1
+tail -4 "$out/compile.log"
 
 step compute-sanitizer
 for tool in memcheck racecheck; do

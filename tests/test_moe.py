@@ -377,7 +377,11 @@ def test_layer_matches_reference_gpu(dtype, cfg):
 
 
 @pytest.mark.gpu
-def test_deterministic_gpu():
+def test_deterministic_gpu(monkeypatch):
+    # Under deterministic algorithms torch refuses a cuBLAS matmul (the router's) unless
+    # CUBLAS_WORKSPACE_CONFIG pins cuBLAS's workspace; torch reads it at each such check,
+    # and the value it names is the one torch's own error message asks for.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     with _deterministic():
         grads = []
         for _ in range(2):

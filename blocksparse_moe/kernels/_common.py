@@ -3,15 +3,20 @@
 * :func:`dot` is THE workaround for Triton's interpreter multiplying bf16 bit patterns in
   ``tl.dot`` (triton-lang/triton issue 11584): when the ``INTERPRET`` constexpr is set it
   upcasts bf16 (and fp16, harmless: the interpreter's matmul is numpy anyway) operands to
-  fp32 first. Launchers pass ``INTERPRET=interpret_flag()``. On a GPU the branch is compiled
-  away and the operands reach the tensor cores in their own dtype.
+  fp32 first. :meth:`Tiles.constexprs` passes ``INTERPRET=interpret_flag()``. On a GPU the
+  branch is compiled away and the operands reach the tensor cores in their own dtype.
 * :func:`input_precision` picks ``tl.dot``'s fp32 mode: ``"ieee"`` (true fp32) unless the user
   allowed TF32 for CUDA matmuls (``torch.backends.cuda.matmul.fp32_precision`` or the legacy
   ``allow_tf32``), the same switch that governs ``torch.matmul``. Only fp32 operands care.
-* :func:`tile_configs` / :func:`launch_plan`: under the interpreter one small config (no
-  autotune: the interpreter has no timer worth the name); on sm_90 (H100/H200) a few
-  autotuned configs; elsewhere one sane default. Nothing here probes the device at import:
-  autotuners are built on first launch and cached per (kernel, block size, device kind).
+* :func:`launch` is how every launcher starts a kernel: under the device guard of its
+  tensors (Triton launches on the *current* device and stream, so a layer on cuda:1 would
+  otherwise run on cuda:0), and for the tiled products (:class:`Tiles`) with the configs
+  of :func:`tile_configs`: one small config under the interpreter (its timer is worth
+  nothing); on a GPU the candidates of the target's table (sm_80, sm_90, sm_100) for the
+  operand class (fp16/bf16, TF32, true fp32), autotuned. Nothing here probes the device at
+  import: autotuners are built on first launch, one per (kernel, capability, Tiles, input
+  precision). ``tile_configs(..., capability=(9, 0))`` answers for a target without a GPU:
+  the compile test (tests/compile_targets.py) compiles exactly those.
 
 Tile sizes: ``BLOCK_M`` and ``BLOCK_N``/``BLOCK_K`` split the ``b x b`` blocks; a tile never
 straddles two blocks, so every tile size that touches a block dimension divides ``b``
@@ -20,7 +25,10 @@ straddles two blocks, so every tile size that touches a block dimension divides 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -72,20 +80,54 @@ def check_launch_dtype(op: str, t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16 for the Triton kernels, got {t.dtype}")
 
 
+
 # -- launch configurations ----------------------------------------------------------------
 # A config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Which of the three tile
 # sizes split a b x b block depends on the kernel, hence ``split``: the names clipped to b.
-
-_SM90 = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 8, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 5),
-]
-_DEFAULT = (64, 64, 32, 4, 3)
+# Tables per target family and operand class; every entry compiles for its target without
+# register spills and within its shared memory (tests/test_compile_targets.py checks it,
+# bench/results/compile-sm*.md lists registers and shared bytes per variant).
+#
+# Operand classes: "half" (fp16/bf16 on the tensor cores), "tf32" (fp32 operands on the
+# tensor cores: 4-byte tiles, so half the BLOCK_K of "half" for the same shared memory) and
+# "fp32" (true fp32, torch's default: tl.dot runs as FMAs on the CUDA cores, where the
+# operand tiles live in registers next to the accumulator, hence much smaller tiles).
+_CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int, int]]] = {
+    ("sm80", "half"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                       (64, 64, 64, 4, 3)],
+    ("sm80", "tf32"): [(128, 64, 16, 4, 4), (64, 128, 16, 4, 4), (64, 64, 32, 4, 3), (64, 64, 16, 4, 4)],
+    ("sm80", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
+    ("sm90", "half"): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                       (64, 64, 64, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm90", "tf32"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
+    ("sm90", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
+    # tcgen05 keeps the accumulator in tensor memory, but a 128x128 fp32 tile with 4 warps
+    # still spills on its way out (24 bytes, TF32 dsd): 8 warps there.
+    ("sm100", "half"): [(128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                        (64, 64, 64, 4, 4)],
+    ("sm100", "tf32"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
+    ("sm100", "fp32"): [(64, 64, 16, 4, 3), (64, 32, 16, 4, 3), (32, 64, 16, 4, 3), (32, 32, 32, 4, 2)],
+}
 _INTERPRETED = (32, 32, 32, 1, 1)  # small, but b >= 64 is split so the tiling is exercised
+
+
+def target_family(capability: Tuple[int, int]) -> str:
+    """The config table of a GPU: sm80 (Ampere, Ada, and consumer Blackwell sm_120, which
+    have mma.sync but neither wgmma nor tcgen05), sm90 (Hopper: wgmma), sm100 (datacenter
+    Blackwell: tcgen05)."""
+    major = capability[0]
+    if major == 9:
+        return "sm90"
+    if major in (10, 11):
+        return "sm100"
+    return "sm80"
+
+
+def operand_class(dtype: torch.dtype, tf32: bool) -> str:
+    """"half", "tf32" or "fp32": see the config tables above."""
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "fp32"
+    return "half"
 
 
 def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str) -> Dict[str, int]:
@@ -97,41 +139,127 @@ def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str) -> D
     return {**sizes, "num_warps": warps, "num_stages": stages}
 
 
-def tile_configs(block_size: int, split: str, device: torch.device) -> List[Dict[str, int]]:
-    """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b."""
-    if interpret_flag() or device.type != "cuda":
-        return [_clip(_INTERPRETED, block_size, split)]
-    if torch.cuda.get_device_capability(device) == (9, 0):
-        out: List[Dict[str, int]] = []
-        for cfg in _SM90:
-            c = _clip(cfg, block_size, split)
-            if c not in out:
-                out.append(c)
+def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *,
+                 dtype: torch.dtype = torch.bfloat16, tf32: bool = False,
+                 capability: Optional[Tuple[int, int]] = None) -> List[Dict[str, int]]:
+    """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b.
+
+    With ``capability`` (e.g. ``(9, 0)``) the answer is the list for that target, computed
+    without a GPU (the compile test asks this for sm_80/sm_90/sm_100). Otherwise it is for
+    ``device``: one small config under the interpreter or on a CPU tensor, else the
+    autotune candidates of the device's capability.
+    """
+    if capability is None:
+        if interpret_flag() or device is None or device.type != "cuda":
+            return [_clip(_INTERPRETED, block_size, split)]
+        capability = torch.cuda.get_device_capability(device)
+    out: List[Dict[str, int]] = []
+    for cfg in _CONFIGS[(target_family(capability), operand_class(dtype, tf32))]:
+        c = _clip(cfg, block_size, split)
+        if c not in out:  # clipping to a small b makes several entries equal
+            out.append(c)
+    return out
+
+
+def bucket(n: int) -> int:
+    """An autotune key for a size: the next power of two, so a size seen first (the first
+    tiny batch) does not fix the config for every larger one, and sizes within a factor
+    of two share one tuning run."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How a tiled product kernel (one that calls :func:`dot`) is launched.
+
+    ``split``: the tile sizes clipped to ``block_size``; ``dtype``: the operands', which
+    with torch's TF32 switch picks the config table; ``key``: what else separates calls that
+    want different tiles (the launcher's transposition flags and size buckets). Autotuners
+    are built per (kernel, capability, Tiles, input precision): that tuple IS the autotune key.
+    """
+
+    split: str
+    block_size: int
+    dtype: torch.dtype
+    key: tuple = ()
+
+    def constexprs(self) -> Dict[str, object]:
+        """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
+        return {"INTERPRET": interpret_flag(), "INPUT_PRECISION": input_precision(self.dtype)}
+
+    def variants(self, capability: Tuple[int, int]) -> List[Dict[str, object]]:
+        """Every (constexprs + num_warps/num_stages) this launch would compile on a GPU of
+        ``capability``: each config of the target's table, and for fp32 both with and
+        without TF32 (torch's switch decides at launch time). For the AOT compile test."""
+        out = []
+        for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
+            precision = "tf32" if tf32 else "ieee"
+            for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability):
+                out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
-    return [_clip(_DEFAULT, block_size, split)]
 
 
 _TUNED: Dict[tuple, object] = {}
 
 
-def launch_plan(kernel, block_size: int, split: str, device: torch.device,
-                key: List[str]) -> Tuple[Callable, Dict[str, int]]:
-    """``(runner, meta)`` to launch ``kernel``: ``runner[grid](*args, **meta, **constexprs)``.
-
-    With one candidate config the raw kernel runs with it; with several an autotuner over
-    them (keyed on ``key`` plus the argument dtypes) is built once and reused. The grid
-    must then be a function of the meta-parameters (``lambda meta: ...``).
-    """
-    configs = tile_configs(block_size, split, device)
+def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple[Callable, Dict[str, int]]:
+    """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
+    launch's key over the target's candidates (built on first use, then reused)."""
+    configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32")
     if len(configs) == 1:
         return kernel, dict(configs[0])
-    cache_key = (kernel, block_size, split, torch.cuda.get_device_capability(device))
+    cache_key = (kernel, torch.cuda.get_device_capability(device), tiles, precision)
     tuned = _TUNED.get(cache_key)
     if tuned is None:
+        # key=[]: the autotuner tunes once; which calls share it is decided by cache_key.
         tuned = triton.autotune(
             configs=[triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                                    num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
-            key=key,
+            key=[],
         )(kernel)
         _TUNED[cache_key] = tuned
     return tuned, {}
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, a no-op otherwise. Triton launches on
+    the current CUDA device and its current stream, so without it a tensor on cuda:1 is
+    handed to a kernel running on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# What the launch now in progress would try on other targets (read by the compile test's
+# launch recorder, tests/compile_targets.py, which sees every Triton launch; a launch made
+# without :func:`launch` is reported there as unguarded).
+_LAUNCHING: contextvars.ContextVar = contextvars.ContextVar("blocksparse_moe_launching", default=None)
+
+
+def launch(kernel, grid, *args, device: torch.device, tiles: Optional[Tiles] = None, **kwargs) -> None:
+    """THE way every launcher here starts a Triton kernel: ``kernel[grid](*args, **kwargs)``
+    under ``device``'s guard.
+
+    With ``tiles`` (a tiled product) the tile sizes, num_warps/num_stages and the
+    constexprs of :func:`dot` come from the plan (autotuned on a GPU, one config under the
+    interpreter), and ``grid`` must be a function of the meta-parameters. Without, the
+    caller passes its constexprs and ``num_warps`` itself.
+    """
+    if tiles is not None:
+        extra = tiles.constexprs()
+        runner, meta = _runner(kernel, tiles, device, extra["INPUT_PRECISION"])
+        kwargs = {**kwargs, **extra, **meta}
+    else:
+        runner = kernel
+    token = _LAUNCHING.set(tiles if tiles is not None else "fixed")
+    try:
+        with device_guard(device):
+            runner[grid](*args, **kwargs)
+    finally:
+        _LAUNCHING.reset(token)
+
+
+def launch_plan(kernel, block_size: int, split: str, device: torch.device,
+                key: List[str]) -> Tuple[Callable, Dict[str, int]]:
+    """Deprecated: the pre-``launch`` interface (no device guard, bf16 configs); kept so
+    code written against it still runs. Use :func:`launch` with :class:`Tiles`."""
+    del key
+    return _runner(kernel, Tiles(split, block_size, torch.bfloat16), device, "ieee")

@@ -31,12 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_dtype
+from ._common import check_launch_dtype, launch
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
+# tl.constexpr, not plain floats: the GPU compiler rejects a Python global read inside
+# @triton.jit code ("Cannot access global variable"), the interpreter does not (so gelu
+# once passed every CPU test and compiled for no GPU; tests/test_compile_targets.py).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -133,8 +136,8 @@ def glu_forward(gate: torch.Tensor, up: Optional[torch.Tensor], act: int,
     rows, cols = gate.shape
     if rows and cols:
         u = gate if up is None else up
-        _glu_fwd_kernel[_grid(rows, cols)](gate, u, out, cols, gate.stride(0), u.stride(0), out.stride(0),
-                                           ACT=act, HAS_UP=up is not None, BLOCK=_BLOCK)
+        launch(_glu_fwd_kernel, _grid(rows, cols), gate, u, out, cols, gate.stride(0), u.stride(0), out.stride(0),
+               device=gate.device, ACT=act, HAS_UP=up is not None, BLOCK=_BLOCK)
     return out
 
 
@@ -155,7 +158,7 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tens
     if rows and cols:
         u = gate if up is None else up
         du = dgate if up is None else dup
-        _glu_bwd_kernel[_grid(rows, cols)](dout, gate, u, dgate, du, cols, dout.stride(0), gate.stride(0),
-                                           u.stride(0), dgate.stride(0), du.stride(0), ACT=act,
-                                           HAS_UP=up is not None, BLOCK=_BLOCK)
+        launch(_glu_bwd_kernel, _grid(rows, cols), dout, gate, u, dgate, du, cols, dout.stride(0), gate.stride(0),
+               u.stride(0), dgate.stride(0), du.stride(0), device=gate.device, ACT=act,
+               HAS_UP=up is not None, BLOCK=_BLOCK)
     return dgate, (dup if up is not None else None)

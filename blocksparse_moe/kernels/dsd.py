@@ -22,7 +22,10 @@ stride_g unused): one kernel serves both.
 
 Grid: (block rows of out x BLOCK_M tiles, N / BLOCK_N). Each program owns one output tile,
 walks the stored blocks of its block row and, inside each, K in BLOCK_K steps (one flat
-loop), accumulating in fp32; it stores its tile once. No atomics, so the result is deterministic.
+loop, the next block's metadata loaded one step ahead so the tiles pipeline num_stages
+deep), accumulating in fp32; it stores its tile once. No atomics, so the result is
+deterministic. Blocks of 16 and 32 rows compute the tile transposed (``SWAP``: out^T =
+B^T @ S^T) so the MMA's M is BLOCK_N >= 64, what a Hopper warpgroup MMA needs.
 
 ``kernels/dds.py`` runs this same kernel on transposed views (A @ S = (S^T @ A^T)^T).
 """
@@ -44,30 +47,41 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
                 N, GROUP_ROWS,
                 stride_dn, stride_dm, stride_dk, stride_bg, stride_bk, stride_bn, stride_om, stride_on,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                HAS_BLOCK_INDEX: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                HAS_BLOCK_INDEX: tl.constexpr, SWAP: tl.constexpr,
+                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     block_row = pid_m // TILES_M
     in_m = (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside the block
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64: through dds's transposed views N is a long dimension with a long stride, and
+    # offs_n * stride_bn / offs_n * stride_on pass 2^31 on big layers.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     start = tl.load(row_offsets_ptr + block_row)
     end = tl.load(row_offsets_ptr + block_row + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # out^T tile = B^T @ S^T: the MMA's M is BLOCK_N (see the launcher)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat loop over (stored block, K step) pairs rather than two nested loops: the
     # inner loop would have only b / BLOCK_K trips, too few for Triton to pipeline.
     KT: tl.constexpr = BLOCK // BLOCK_K
+    # The metadata of stored block i = j // KT (its block column, and for S^T where its data
+    # sits) is loaded one iteration ahead and carried into the next: a tile address that
+    # depends on a load of the same iteration keeps Triton's software pipeliner from
+    # issuing that tile num_stages - 1 iterations ahead (it ran two buffers deep whatever
+    # num_stages said). Reloaded every step (an L1 hit inside a block) to stay branch-free.
+    has = start < end
+    block_col = tl.load(block_cols_ptr + start, mask=has, other=0).to(tl.int64)
+    if HAS_BLOCK_INDEX:
+        d = tl.load(block_index_ptr + start, mask=has, other=0).to(tl.int64)
+    else:
+        d = start.to(tl.int64)  # d * stride_dn exceeds int32 on big layers
     for j in range(start * KT, end * KT):
-        i = j // KT
         kk = (j % KT) * BLOCK_K + offs_k
-        block_col = tl.load(block_cols_ptr + i).to(tl.int64)
-        if HAS_BLOCK_INDEX:
-            d = tl.load(block_index_ptr + i).to(tl.int64)
-        else:
-            d = tl.cast(i, tl.int64)  # d * stride_dn exceeds int32 on big layers
         s = tl.load(data_ptr + d * stride_dn + in_m[:, None] * stride_dm + kk[None, :] * stride_dk)
         # The group of B holding this block's rows, and the rows inside it.
         row0 = block_col * BLOCK
@@ -75,11 +89,25 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
         rows_b = (row0 - group * GROUP_ROWS) + kk
         b = tl.load(b_ptr + group * stride_bg + rows_b[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=n_ok[None, :], other=0.0)
-        acc = _common.dot(s, b, acc, INTERPRET, INPUT_PRECISION)
+        if SWAP:
+            acc = _common.dot(tl.trans(b), tl.trans(s), acc, INTERPRET, INPUT_PRECISION)
+        else:
+            acc = _common.dot(s, b, acc, INTERPRET, INPUT_PRECISION)
+        i_next = (j + 1) // KT
+        has = i_next < end
+        block_col = tl.load(block_cols_ptr + i_next, mask=has, other=0).to(tl.int64)
+        if HAS_BLOCK_INDEX:
+            d = tl.load(block_index_ptr + i_next, mask=has, other=0).to(tl.int64)
+        else:
+            d = i_next.to(tl.int64)
 
     offs_m = block_row.to(tl.int64) * BLOCK + in_m
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+    if SWAP:
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
 def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
@@ -117,17 +145,23 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if m == 0 or n == 0:
         return out
-    kernel, meta = _common.launch_plan(_dsd_kernel, bs, "mk", data.device, key=["N"])
+    # Autotune key: S or S^T (the backward's dW products walk S^T: long reductions over the
+    # tokens of one expert), which operands are transposed views (dds runs here on a.t() and
+    # out.t()), and the three sizes, bucketed (next power of two).
+    tiles = _common.Tiles("mk", bs, data.dtype, key=(
+        transposed, b.stride(-1) == 1, out.stride(1) == 1, _common.bucket(m), _common.bucket(n), _common.bucket(k)))
+    # Blocks under 64 rows give tiles under the 64 rows a Hopper warpgroup MMA (wgmma) needs;
+    # computing the tile transposed, out^T = B^T @ S^T, puts BLOCK_N (>= 64) in the MMA's M.
+    swap = bs < 64
 
     def grid(p):
         return (m // p["BLOCK_M"], triton.cdiv(n, p["BLOCK_N"]))
 
-    kernel[grid](
+    _common.launch(
+        _dsd_kernel, grid,
         data, b, out, row_offsets, block_cols, block_index,
         n, group_rows,
         data.stride(0), stride_dm, stride_dk, bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1),
-        BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None,
-        INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(data.dtype),
-        **meta,
+        device=data.device, tiles=tiles, BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None, SWAP=swap,
     )
     return out

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -163,7 +165,7 @@ def invert_rows(rows: torch.Tensor, num_rows: int, out: Optional[torch.Tensor] =
     out.fill_(-1)
     if n:
         block = 1024
-        _invert_rows_kernel[(triton.cdiv(n, block),)](rows, out, n, BLOCK=block)
+        launch(_invert_rows_kernel, (triton.cdiv(n, block),), rows, out, n, device=rows.device, BLOCK=block)
     return out
 
 
@@ -185,9 +187,9 @@ def gather(x: torch.Tensor, row_slots: torch.Tensor, top_k: int, weights: Option
     bh = _block_h(H, block_h)
     w = weights if weights is not None else x  # never read without HAS_W
     wst, wsj = (weights.stride(0), weights.stride(1)) if weights is not None else (0, 0)
-    _gather_kernel[(R, triton.cdiv(H, bh))](
-        x, row_slots, w, out, H, top_k, x.stride(0), out.stride(0), wst, wsj,
-        HAS_W=weights is not None, BLOCK_H=bh, num_warps=_num_warps(bh))
+    launch(_gather_kernel, (R, triton.cdiv(H, bh)),
+           x, row_slots, w, out, H, top_k, x.stride(0), out.stride(0), wst, wsj,
+           device=x.device, HAS_W=weights is not None, BLOCK_H=bh, num_warps=_num_warps(bh))
     return out
 
 
@@ -207,9 +209,9 @@ def scatter(y: torch.Tensor, rows: torch.Tensor, top_k: int, weights: Optional[t
     bh = _block_h(H, block_h)
     w = weights if weights is not None else y
     wst, wsj = (weights.stride(0), weights.stride(1)) if weights is not None else (0, 0)
-    _scatter_kernel[(T, triton.cdiv(H, bh))](
-        y, rows, w, out, H, top_k, y.stride(0), out.stride(0), wst, wsj,
-        HAS_W=weights is not None, BLOCK_H=bh, num_warps=_num_warps(bh))
+    launch(_scatter_kernel, (T, triton.cdiv(H, bh)),
+           y, rows, w, out, H, top_k, y.stride(0), out.stride(0), wst, wsj,
+           device=y.device, HAS_W=weights is not None, BLOCK_H=bh, num_warps=_num_warps(bh))
     return out
 
 
@@ -236,6 +238,6 @@ def scatter_wgrad(dout: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, top_k
     if H == 0:
         return out.zero_()
     bh = _block_h(H, block_h)
-    _scatter_wgrad_kernel[(T * top_k,)](dout, y, rows, out, H, top_k, dout.stride(0), y.stride(0),
-                                        BLOCK_H=bh, num_warps=_num_warps(bh))
+    launch(_scatter_wgrad_kernel, (T * top_k,), dout, y, rows, out, H, top_k, dout.stride(0), y.stride(0),
+           device=dout.device, BLOCK_H=bh, num_warps=_num_warps(bh))
     return out

@@ -19,7 +19,9 @@ A 2-D b is the case G = 1 (C = N, stride_g unused): one kernel serves both.
 
 Grid: one program per (stored block, BLOCK_M x BLOCK_N tile of it), tiles of one block
 adjacent so their A rows stay in L2; each program loops over K in BLOCK_K steps,
-accumulating in fp32, and stores its tile once (no atomics).
+accumulating in fp32, and stores its tile once (no atomics). Blocks of 16 and 32 run
+``_sdd_merged_kernel`` instead: one program per BLOCK_N / b consecutive stored blocks, one
+transposed tile for all of them (64-row MMAs; see the kernel).
 
 ``EPILOGUE`` is the hook for the fused activation (DESIGN.md "Where the kernels go next");
 only ``None`` (store the product) exists today.
@@ -35,6 +37,9 @@ import triton.language as tl
 
 from ..grouped import grouped_cols
 from . import _common
+
+# Blocks under 64 rows go to _sdd_merged_kernel: see there.
+_MERGE_BELOW = 64
 
 
 @triton.jit
@@ -88,6 +93,67 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _sdd_merged_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_rows_ptr,
+                       K, NNZ, GROUP_COLS,
+                       stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_on, stride_or, stride_oc,
+                       BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_A_ROWS: tl.constexpr, EPILOGUE: tl.constexpr,
+                       INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # Blocks of 16 or 32: one program computes the stored blocks n0 .. n0+G-1 (G = BLOCK_N / BLOCK)
+    # as one transposed tile, out^T [BLOCK_N, BLOCK] = B^T @ A^T, so the MMA's M is
+    # BLOCK_N >= 64 (what a Hopper warpgroup MMA needs) rather than the block's 16 or 32
+    # rows. That needs the G blocks to share a block row and to have consecutive block
+    # columns in one group of B, which holds for every MoE topology (F a multiple of
+    # BLOCK_N); otherwise the program takes them one by one with the same code, masking
+    # the columns of the other blocks (``trips`` = G instead of 1).
+    G: tl.constexpr = BLOCK_N // BLOCK
+    n0 = tl.program_id(0).to(tl.int64) * G
+    last = tl.minimum(n0 + G - 1, NNZ - 1)
+    col_first = tl.load(column_indices_ptr + n0).to(tl.int64)
+    col_last = tl.load(column_indices_ptr + last).to(tl.int64)
+    fused = ((tl.load(row_indices_ptr + n0) == tl.load(row_indices_ptr + last))
+             & (col_last - col_first == last - n0)
+             & ((col_first * BLOCK) // GROUP_COLS == (col_last * BLOCK) // GROUP_COLS))
+    count = last - n0 + 1
+    trips = tl.where(fused, 1, count)
+    c = tl.arange(0, BLOCK_N)  # tile column: block n0 + c // BLOCK, column c % BLOCK inside it
+    sub = c // BLOCK
+    in_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    for t in range(0, trips):
+        lo = tl.where(fused, 0, t)  # the blocks this trip computes: lo .. hi
+        hi = tl.where(fused, count - 1, t)
+        c_ok = (sub >= lo) & (sub <= hi)
+        block_row = tl.load(row_indices_ptr + n0 + lo).to(tl.int64)
+        block_col = tl.load(column_indices_ptr + n0 + lo).to(tl.int64)
+        group = (block_col * BLOCK) // GROUP_COLS
+        # Tile column c is B's column (block_col - lo) * BLOCK + c: one arange, so loads of a
+        # column-contiguous B stay vectorized.
+        offs_c = ((block_col - lo) * BLOCK - group * GROUP_COLS) + c
+        offs_m = block_row * BLOCK + in_m
+        if HAS_A_ROWS:
+            rows = tl.load(a_rows_ptr + offs_m).to(tl.int64)
+            row_ok = rows >= 0
+            rows = tl.where(row_ok, rows, 0)
+        else:
+            rows = offs_m
+            row_ok = offs_m >= 0
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + group * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _common.dot(tl.trans(b), tl.trans(a), acc, INTERPRET, INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        out_ptrs = (out_ptr + (n0 + sub)[:, None] * stride_on + in_m[None, :] * stride_or
+                    + (c % BLOCK)[:, None] * stride_oc)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c_ok[:, None])
+
+
 def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
         offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
         block_offsets_t: torch.Tensor, block_size: int, out: Optional[torch.Tensor] = None,
@@ -121,17 +187,25 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
                          f"{a.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if nnz == 0:
         return out
-    kernel, meta = _common.launch_plan(_sdd_kernel, block_size, "mn", a.device, key=["K"])
+    # Autotune key: what changes the best tiles. The row gather and which operand is
+    # transposed (the backward's a.t() / b.t() views) change the loads; K is the loop length
+    # and nnz the number of blocks to spread over the SMs (both bucketed: next power of two).
+    key = (a_rows is not None, a.stride(1) == 1, b.stride(-1) == 1, _common.bucket(a.shape[1]), _common.bucket(nnz))
+    args = (a, b, out, row_indices, column_indices, a_rows, a.shape[1])
+    strides = (a.stride(0), a.stride(1), bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1), out.stride(2))
+    constexprs = dict(BLOCK=block_size, HAS_A_ROWS=a_rows is not None, EPILOGUE=epilogue)
+    if block_size < _MERGE_BELOW:
+        # BLOCK_N is not clipped to the block: it spans BLOCK_N / block_size stored blocks.
+        def grid(p):
+            return (triton.cdiv(nnz, p["BLOCK_N"] // block_size),)
+
+        _common.launch(_sdd_merged_kernel, grid, *args, nnz, group_cols, *strides, device=a.device,
+                       tiles=_common.Tiles("m", block_size, a.dtype, key), **constexprs)
+        return out
 
     def grid(p):
         return (nnz * (block_size // p["BLOCK_M"]) * (block_size // p["BLOCK_N"]),)
 
-    kernel[grid](
-        a, b, out, row_indices, column_indices, a_rows,
-        a.shape[1], group_cols,
-        a.stride(0), a.stride(1), bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK=block_size, HAS_A_ROWS=a_rows is not None, EPILOGUE=epilogue,
-        INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(a.dtype),
-        **meta,
-    )
+    _common.launch(_sdd_kernel, grid, *args, group_cols, *strides, device=a.device,
+                   tiles=_common.Tiles("mn", block_size, a.dtype, key), **constexprs)
     return out

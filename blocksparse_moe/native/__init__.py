@@ -33,6 +33,8 @@ from .. import backend
 from .fallback import ROUTE_FIELDS, TOPOLOGY_FIELDS, route_torch, topology_torch
 
 _INT32_MAX = 2**31 - 1
+# Oldest Linux driver of each CUDA major version (NVIDIA's CUDA toolkit release notes).
+_MIN_DRIVER = {12: "525.60.13", 13: "580"}
 
 # Lazily loaded state (tests reset it to simulate a missing extension).
 _C: Optional[ModuleType] = None
@@ -79,11 +81,17 @@ def _cuda_problem(mod: ModuleType) -> str:
         if not hasattr(mod, "route_cuda"):
             _cuda_unusable = f"blocksparse_moe._C was built without CUDA ops ({mod.build_info()['cuda_reason']})"
         else:
+            # Both versions are read without creating a CUDA context: this check is cheap.
             runtime, driver = mod.cuda_versions()
+            if driver == 0:
+                _cuda_unusable = "no usable NVIDIA driver was found (cudaDriverGetVersion failed)"
             # CUDA's minor-version compatibility: a driver of the same major version runs it.
-            if driver // 1000 < runtime // 1000:
+            elif driver // 1000 < runtime // 1000:
+                need = _MIN_DRIVER.get(runtime // 1000)
                 _cuda_unusable = (f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but "
-                                  f"blocksparse_moe._C was built with CUDA {runtime // 1000}.{runtime % 1000 // 10}")
+                                  f"blocksparse_moe._C was built with CUDA {runtime // 1000}.{runtime % 1000 // 10}"
+                                  + (f", which needs driver >= {need}" if need else "")
+                                  + f" (update the driver, or rebuild with a CUDA {driver // 1000}.x toolkit)")
             else:
                 _cuda_unusable = ""
     return _cuda_unusable

@@ -1,0 +1,124 @@
+"""Every Triton kernel variant the package launches compiles for real GPUs, without a GPU.
+
+tests/compile_targets.py records the launches that the public ops and ``DroplessMoE``
+(forward and backward) make on small CPU tensors under the interpreter, then compiles
+each with ``triton.compile(..., target=GPUTarget("cuda", cap, 32))`` and Triton's bundled
+ptxas, with the autotune configs the launcher would try on that target. A variant fails on
+a compile error (a Python global read inside ``@triton.jit`` code passes the interpreter
+and nothing else), on any register spill, and on shared memory over the per-block limit.
+
+The default (CI) sweep compiles for sm_90, sm_80 and sm_100 (those this Triton supports) a
+covering subset: every config of every (kernel, dtype, block size) and every recorded
+launch of it at least once (``compile_targets.covering``). ``BLOCKSPARSE_MOE_COMPILE_SWEEP=full``
+compiles every launch with every config, aligned and as recorded; bench/compile_report.py
+writes that table to bench/results/.
+"""
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import compile_targets as ct
+from blocksparse_moe.kernels import _common
+
+FULL = os.environ.get("BLOCKSPARSE_MOE_COMPILE_SWEEP", "") == "full"
+
+
+@pytest.fixture(scope="module")
+def launches():
+    return ct.record()
+
+
+@pytest.fixture(scope="module")
+def results(launches):
+    return ct.compile_jobs(ct.jobs(launches, ct.targets(), full=True) if FULL else ct.ci_jobs(launches))
+
+
+def _values(launches, qualname, name):
+    return {v for l in launches if l.qualname == qualname for n, _, v in l.args if n == name}
+
+
+def test_recorder_sees_every_variant(launches):
+    # The workload reaches every variant the issue lists; if a launcher stops being called
+    # (or a flag is never set) the sweep would silently lose it.
+    kernels = {l.qualname for l in launches}
+    assert {"_sdd_kernel", "_dsd_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel", "_gather_kernel",
+            "_scatter_kernel", "_scatter_wgrad_kernel", "_invert_rows_kernel"} <= kernels
+    for kernel in ("_sdd_kernel", "_dsd_kernel"):
+        assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}
+        dtypes = {l.plan.dtype for l in launches if l.qualname == kernel}
+        assert dtypes == {torch.float32, torch.float16, torch.bfloat16}
+    assert _values(launches, "_sdd_kernel", "HAS_A_ROWS") == {True, False}  # with and without the row gather
+    assert _values(launches, "_dsd_kernel", "HAS_BLOCK_INDEX") == {True, False}  # S and S^T (dds, dW)
+    for kernel in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
+        assert _values(launches, kernel, "ACT") == {0, 1, 2, 3}  # silu, gelu, gelu_tanh, relu
+        assert _values(launches, kernel, "HAS_UP") == {True, False}  # GLU and plain MLP
+
+
+def test_every_launch_is_device_guarded(launches):
+    # A launch that bypasses _common.launch runs on the current device, not its tensors'.
+    assert ct.unguarded(launches) == [], "launched without blocksparse_moe.kernels._common.launch"
+
+
+def test_fp32_compiles_with_and_without_tf32(results):
+    products = [r for r in results if r["qualname"] in ("_sdd_kernel", "_dsd_kernel")]
+    assert {r["constexprs"]["INPUT_PRECISION"] for r in products} == {"ieee", "tf32"}
+    assert all(r["constexprs"]["INTERPRET"] is False for r in products)
+
+
+def test_every_variant_compiles_without_spills_within_shared_memory(results):
+    assert {r["capability"] for r in results} == set(ct.targets())
+    found = ct.problems(results)
+    assert not found, f"{len(found)} of {len(results)} variants fail:\n" + "\n".join(found[:40])
+
+
+def test_tensor_cores_where_the_tiles_allow(results):
+    # fp16/bf16/tf32 products with 64-row tiles run wgmma on sm_90 and mma.sync on sm_80;
+    # true fp32 (torch's default) runs on the CUDA cores.
+    for r in results:
+        if r["qualname"] not in ("_sdd_kernel", "_dsd_kernel") or not r["ok"]:
+            continue
+        fp32 = ct._dtype(r) == "fp32"
+        want = "none" if fp32 else {80: "mma.sync", 90: "wgmma" if r["constexprs"]["BLOCK_M"] >= 64 else "mma.sync",
+                                    100: None}[r["capability"]]
+        if want is not None:
+            assert r["mma"] == want, ct.label(r)
+
+
+# -- the checks themselves can fail ---------------------------------------------------------
+
+_SCALE = 0.5  # a plain Python float: readable by the interpreter, not by the GPU compiler
+
+
+@triton.jit
+def _reads_a_global(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * _SCALE)
+
+
+def _launch_probe():
+    x = torch.ones(16)
+    _common.launch(_reads_a_global, (1,), x, device=x.device, BLOCK=16)
+    assert torch.equal(x, torch.full((16,), 0.5))  # the interpreter runs it happily
+
+
+def test_sweep_catches_a_python_global_in_a_kernel():
+    # The class of bug that made gelu/gelu_tanh uncompilable for any GPU.
+    launches = ct.record(_launch_probe, execute=True)
+    assert [l.qualname for l in launches] == ["_reads_a_global"]
+    (result,) = ct.compile_jobs(ct.jobs(launches, [90]))
+    assert not result["ok"] and "_SCALE" in result["error"]
+    assert ct.problems([result])
+
+
+def test_sweep_catches_spills(launches):
+    # A real variant squeezed into 32 registers (ptxas's maxnreg) must spill, and the
+    # check must say so (a check that never fires proves nothing).
+    sdd = next(l for l in launches if l.qualname == "_sdd_kernel" and l.plan.dtype == torch.bfloat16)
+    job = ct.jobs([sdd], [90])[0]
+    (result,) = ct.compile_jobs([dict(job, options={**job["options"], "maxnreg": 32})])
+    assert result["ok"] and result["spill_bytes"] > 0, result
+    assert "spills" in ct.problems([result])[0]
