@@ -151,7 +151,9 @@ def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
     import torch
 
     from blocksparse_moe import ops
-    from blocksparse_moe.kernels import sdd as sdd_kernel
+    from blocksparse_moe import kernels
+    from blocksparse_moe.ops import permute as permute_ops
+    from blocksparse_moe.ops import products
     from blocksparse_moe.moe import DroplessMoE
     from blocksparse_moe.routing import route
 
@@ -164,7 +166,9 @@ def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
 
     for dtype in dtypes:
         for b in block_sizes:
-            for glu, act in ((True, "silu"), (False, "gelu")) if b == block_sizes[0] else ((True, "silu"),):
+            # The layer's fused expert kernels: each activation on the load and in backward.
+            layer_cases = ((True, "silu"), (False, "gelu"), (True, "gelu_tanh"), (False, "relu"))
+            for glu, act in layer_cases if b == block_sizes[0] else ((True, "silu"),):
                 layer = DroplessMoE(H, b, E, K, glu=glu, activation=act, block_size=b, dtype=dtype)
                 out, aux = layer(randn(T, H, dtype=dtype, grad=True))
                 (out.float().square().sum() + aux.aux_loss).backward()
@@ -175,8 +179,8 @@ def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
             for y in (ops.dsd(s, randn(n, H, dtype=dtype)), ops.dsd(s.t(), randn(p, H, dtype=dtype)),
                       ops.dds(randn(H, p, dtype=dtype, grad=True), s), ops.dds(randn(H, n, dtype=dtype), s.t())):
                 y.float().sum().backward(retain_graph=True)
-            rows = ops._permute_invert_rows(r.padded_rows, p)  # row gather: a_rows from the routing
-            sdd_kernel.sdd(randn(T, H, dtype=dtype), randn(H, n, dtype=dtype), *ops._topology_meta(topo), b,
+            rows = permute_ops._permute_invert_rows(r.padded_rows, p)  # row gather: a_rows from the routing
+            kernels.sdd(randn(T, H, dtype=dtype), randn(H, n, dtype=dtype), *products._meta(topo), b,
                            a_rows=rows // K)
         for act in ("silu", "gelu", "gelu_tanh", "relu"):
             h = randn(3, 2 * 64, dtype=dtype, grad=True)

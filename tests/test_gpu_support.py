@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from blocksparse_moe import _native
+from blocksparse_moe import native as _native
 from blocksparse_moe.kernels import _common
 from blocksparse_moe.moe import DroplessMoE
 from tolerances import assert_close

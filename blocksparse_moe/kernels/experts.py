@@ -73,7 +73,7 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M 
                       (db1) or of R (db2). Reads expert_offsets, row_slots.
 Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
 two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
-``_plan``: their epilogues hold several fp32 tiles at once); the down kernel, the GLU on its
+``_tiles``: their epilogues hold several fp32 tiles at once); the down kernel, the GLU on its
 load included, compiles without spills at 128 (tests/test_experts_compile.py).
 
 What each pass allocates (``[P_max, *]`` in x's dtype unless said) and reads:
@@ -94,7 +94,6 @@ measures them).
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -378,9 +377,8 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 # -- launchers ------------------------------------------------------------------------------
 
-def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype: torch.dtype,
-          max_tile: int = 128):
-    """The one call into ``_common``'s launch configs (its API is about to take the dtype).
+def _tiles(name: str, block_size: int, split: str, dtype: torch.dtype, *sizes, max_tile: int = 128):
+    """The launch plan of one kernel use: its autotune key is the use's name and size buckets.
 
     ``max_tile`` caps the ``split`` tile sizes below ``b`` (it is passed as the block size,
     which only clips them; the kernels still get the real ``b`` as ``BLOCK``). The up and
@@ -388,17 +386,8 @@ def _plan(kernel, block_size: int, split: str, device: torch.device, key, dtype:
     once (two accumulators, or acc, g, u, act, act'), which spill past 255 registers on
     sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64 on 4).
     """
-    del dtype  # TODO(merge): pass it on once _common.launch_plan takes the dtype
-    return _common.launch_plan(kernel, min(block_size, max_tile), split, device, key=key)
-
-
-# The down kernel's autotuning key: the two variants (activation on the load in forward,
-# a plain operand for dx) tune apart even where KDIM matches (plain MLP: F both times).
-_DOWN_KEY = ["N", "KDIM", "ACT_ON_LOAD"]
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    key = (name, *(_common.bucket(n) for n in sizes))
+    return _common.Tiles(split, min(block_size, max_tile), dtype, key=key)
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -477,26 +466,25 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         return out.zero_(), saved
     # k == 1: each token has one slot, so the down product writes the output itself.
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
-    common = dict(BLOCK=block_size, INTERPRET=_common.interpret_flag(),
-                  INPUT_PRECISION=_common.input_precision(dtype))
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
-    with _device_guard(x):
-        kernel, meta = _plan(_up_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
-        kernel[lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"])](
-            x, w1, b1 if b1 is not None else w1, hidden, row_slots, block_expert,
-            hidden_size, ffn, top_k, num_experts,
-            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
-            hidden.stride(0), hidden.stride(1),
-            GLU=glu, HAS_BIAS=b1 is not None, **common, **meta)
-        # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
-        kernel, meta = _plan(_down_kernel, block_size, "mk", device, _DOWN_KEY, dtype)
-        kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
-            hidden, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
-            hidden_size, ffn, top_k, num_experts,
-            hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
-            *_strides2(weights), y.stride(0), y.stride(1),
-            HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code, GLU=glu,
-            **common, **meta)
+    _common.launch(
+        _up_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
+        x, w1, b1 if b1 is not None else w1, hidden, row_slots, block_expert,
+        hidden_size, ffn, top_k, num_experts,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
+        hidden.stride(0), hidden.stride(1),
+        device=device, tiles=_tiles("up", block_size, "mn", dtype, hidden_size, ffn, max_tile=64),
+        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None)
+    # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
+    _common.launch(
+        _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
+        hidden, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
+        hidden_size, ffn, top_k, num_experts,
+        hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+        *_strides2(weights), y.stride(0), y.stride(1),
+        device=device, tiles=_tiles("down-act", block_size, "mk", dtype, hidden_size, ffn),
+        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code,
+        GLU=glu)
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
@@ -553,49 +541,52 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     col_blocks = ffn // block_size
     part = _new((col_blocks, tokens * top_k), torch.float32, device) if need_dwt else None
     part_arg = part if part is not None else hidden
-    common = dict(INTERPRET=_common.interpret_flag(), INPUT_PRECISION=_common.input_precision(dtype))
     gw = weights if weights is not None else x
-    with _device_guard(x):
-        if need_dh or need_a or need_dwt:
-            kernel, meta = _plan(_act_bwd_kernel, block_size, "mn", device, ["H", "FFN"], dtype, max_tile=64)
-            kernel[lambda p: (p_max // p["BLOCK_M"], col_blocks)](
-                dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
-                hidden_size, ffn, top_k, num_experts,
-                dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
-                *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
-                a.stride(0), a.stride(1), *_strides2(part_arg),
-                BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
-                DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, **common, **meta)
-        wgrad, meta_w = _plan(_wgrad_kernel, block_size, "mk", device, ["C", "N"], dtype)
-        if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
-            dw, db = (dw2 if dw2 is not None else w2), db2
-            wgrad[lambda p: (num_experts * (ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"]))](
-                a, dout, gw, dw, dw, db if db is not None else dw, row_slots, expert_offsets,
-                ffn, hidden_size, top_k,
-                a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), *_strides2(weights),
-                dw.stride(0), dw.stride(1), dw.stride(2), 0, 0, *_strides2(db),
-                HAS_WEIGHTS=weights is not None, STORE_DW=need_dw2, SUM_L=False, SUM_R=need_db2,
-                **common, **meta_w)
-        if need_dw1 or need_db1:  # dW1 = dh^T x per expert; db1 = column sums of dh
-            dw, db = (dw1 if dw1 is not None else w1), db1
-            wgrad[lambda p: (num_experts * (groups * ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"]))](
-                dh, x, x, dw, db if db is not None else dw, dw, row_slots, expert_offsets,
-                groups * ffn, hidden_size, top_k,
-                dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), 0, 0,
-                dw.stride(0), dw.stride(1), dw.stride(2), *_strides2(db), 0, 0,
-                HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False, **common, **meta_w)
-        if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
-            rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
-            kernel, meta = _plan(_down_kernel, block_size, "mk", device, _DOWN_KEY, dtype)
-            kernel[lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"]))](
-                dh, w1, w1, x, rows, row_slots, block_expert,
-                hidden_size, groups * ffn, top_k, num_experts,
-                dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
-                rows.stride(0), rows.stride(1),
-                BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
-                **common, **meta)
-            if top_k > 1:
-                torch.sum(rows.view(tokens, top_k, hidden_size), dim=1, out=dx)
+    if need_dh or need_a or need_dwt:
+        _common.launch(
+            _act_bwd_kernel, lambda p: (p_max // p["BLOCK_M"], col_blocks),
+            dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
+            hidden_size, ffn, top_k, num_experts,
+            dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+            *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
+            a.stride(0), a.stride(1), *_strides2(part_arg),
+            BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
+            DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh,
+            device=device, tiles=_tiles("act-bwd", block_size, "mn", dtype, hidden_size, ffn, max_tile=64))
+    if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
+        dw, db = (dw2 if dw2 is not None else w2), db2
+        _common.launch(
+            _wgrad_kernel,
+            lambda p: (num_experts * (ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"])),
+            a, dout, gw, dw, dw, db if db is not None else dw, row_slots, expert_offsets,
+            ffn, hidden_size, top_k,
+            a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), *_strides2(weights),
+            dw.stride(0), dw.stride(1), dw.stride(2), 0, 0, *_strides2(db),
+            HAS_WEIGHTS=weights is not None, STORE_DW=need_dw2, SUM_L=False, SUM_R=need_db2,
+            device=device, tiles=_tiles("wgrad", block_size, "mk", dtype, ffn, hidden_size))
+    if need_dw1 or need_db1:  # dW1 = dh^T x per expert; db1 = column sums of dh
+        dw, db = (dw1 if dw1 is not None else w1), db1
+        _common.launch(
+            _wgrad_kernel,
+            lambda p: (num_experts * (groups * ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"])),
+            dh, x, x, dw, db if db is not None else dw, dw, row_slots, expert_offsets,
+            groups * ffn, hidden_size, top_k,
+            dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), 0, 0,
+            dw.stride(0), dw.stride(1), dw.stride(2), *_strides2(db), 0, 0,
+            HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False,
+            device=device, tiles=_tiles("wgrad", block_size, "mk", dtype, groups * ffn, hidden_size))
+    if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
+        rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
+        _common.launch(
+            _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
+            dh, w1, w1, x, rows, row_slots, block_expert,
+            hidden_size, groups * ffn, top_k, num_experts,
+            dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
+            rows.stride(0), rows.stride(1),
+            BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
+            device=device, tiles=_tiles("down", block_size, "mk", dtype, hidden_size, groups * ffn))
+        if top_k > 1:
+            torch.sum(rows.view(tokens, top_k, hidden_size), dim=1, out=dx)
     if need_dwt:  # the F/b partials of each slot, summed in a fixed order
         if weights.dtype == torch.float32:
             torch.sum(part, dim=0, out=dweights.view(-1))

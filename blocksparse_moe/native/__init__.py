@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import backend
-from .fallback import ROUTE_FIELDS, TOPOLOGY_FIELDS, route_torch, topology_torch
+from .fallback import ROUTE_FIELDS, route_torch, topology_torch
 
 _INT32_MAX = 2**31 - 1
 # Oldest Linux driver of each CUDA major version (NVIDIA's CUDA toolkit release notes).
