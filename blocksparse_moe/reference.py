@@ -221,3 +221,178 @@ def padded_scatter(y: torch.Tensor, routing, weights: Optional[torch.Tensor], to
 def scatter(y: torch.Tensor, routing, weights: Optional[torch.Tensor], top_k: int) -> torch.Tensor:
     """``out [T, H]``: ``out[t] = sum_j w[t, j] * y[rows[t*k + j]]`` (w = 1 when None)."""
     return _scatter_ref(y, _permute_rows(routing, top_k, False), weights, top_k)
+
+# ---------------------------------------------------------------------------------------
+# routing and topology reference: expert ids -> Routing fields, padded_bins -> Topology
+# ---------------------------------------------------------------------------------------
+# Written from the definitions in routing.py / topology.py with Python lists and loops
+# only (no torch sort, bincount or cumsum, nothing from the package), so that they share
+# no code with the native ops or with the torch fallbacks they are compared against.
+# Results are int32 CPU tensors, the dtype the package promises.
+
+ROUTING_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
+TOPOLOGY_FIELDS = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
+
+
+def _int_list(t) -> list:
+    return [int(v) for v in (t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _i32(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def routing_reference(expert_indices, num_experts: int, block_size: int) -> dict:
+    """The seven int32 fields of :class:`blocksparse_moe.Routing` for ``expert_indices [T, k]``.
+
+    Slot ``s = t*k + j`` is token ``t``'s ``j``-th choice. Slots are sorted by expert, stably
+    (Python's ``sorted`` is stable: slots of one expert keep their order); expert ``e``'s
+    group starts at ``bins[e] - tokens_per_expert[e]`` unpadded and at
+    ``padded_bins[e] - padded[e]`` padded, ``padded[e]`` its count rounded up to the block.
+    """
+    ids = _int_list(expert_indices)
+    n = len(ids)
+    tokens_per_expert = [0] * num_experts
+    for e in ids:
+        tokens_per_expert[e] += 1
+    bins, padded_bins, total, padded_total = [], [], 0, 0
+    for count in tokens_per_expert:
+        total += count
+        padded_total += (count + block_size - 1) // block_size * block_size
+        bins.append(total)
+        padded_bins.append(padded_total)
+    indices = sorted(range(n), key=lambda s: ids[s])
+    bin_ids = [ids[s] for s in indices]
+    rows, padded_rows = [0] * n, [0] * n
+    for position, s in enumerate(indices):
+        e = ids[s]
+        group_start = bins[e] - tokens_per_expert[e]
+        padded_start = padded_bins[e] - (tokens_per_expert[e] + block_size - 1) // block_size * block_size
+        rows[s] = position
+        padded_rows[s] = padded_start + (position - group_start)
+    return {name: _i32(value) for name, value in zip(
+        ROUTING_FIELDS, (indices, bin_ids, tokens_per_expert, bins, padded_bins, rows, padded_rows))}
+
+
+def moe_blocks(padded_bins, num_experts: int, ffn_hidden_size: int, block_size: int) -> list:
+    """The stored blocks ``(block row, block column)`` of the ``P x (E*F)`` MoE pattern: block
+    row ``r`` of expert ``e`` (``padded_bins[e-1] <= r*b < padded_bins[e]``) stores exactly the
+    ``F/b`` block columns ``e*F/b .. (e+1)*F/b - 1``."""
+    bins = _int_list(padded_bins)
+    if len(bins) != num_experts:
+        raise ValueError(f"moe_blocks: {len(bins)} padded bins for {num_experts} experts")
+    fb = ffn_hidden_size // block_size
+    blocks, start = [], 0
+    for e, end in enumerate(bins):
+        for r in range(start // block_size, end // block_size):
+            for j in range(fb):
+                blocks.append((r, e * fb + j))
+        start = end
+    return blocks
+
+
+def moe_block_mask(padded_bins, num_experts: int, ffn_hidden_size: int, block_size: int) -> list:
+    """``[P/b][E*F/b]`` list of bools: True at the blocks of :func:`moe_blocks`."""
+    bins = _int_list(padded_bins)
+    block_rows = bins[-1] // block_size if bins else 0
+    mask = [[False] * (num_experts * ffn_hidden_size // block_size) for _ in range(block_rows)]
+    for r, c in moe_blocks(bins, num_experts, ffn_hidden_size, block_size):
+        mask[r][c] = True
+    return mask
+
+
+def block_topology_reference(blocks: list, block_rows: int, block_columns: int) -> dict:
+    """The six int32 metadata fields (``TOPOLOGY_FIELDS``) of any pattern of stored blocks
+    ``[(block row, block column), ...]`` in a ``block_rows x block_columns`` grid.
+
+    Row-major: the blocks listed row by row, columns ascending (``row_indices``,
+    ``column_indices``; ``offsets[r]`` = blocks in rows before ``r``). Column-major, for the
+    transpose: the same blocks listed column by column, rows ascending (``column_indices_t``
+    = their block rows, ``offsets_t[c]`` = blocks in columns before ``c``, ``block_offsets_t``
+    = their position in the row-major list, i.e. in ``data``).
+    """
+    row_major = sorted(set(blocks))
+    if len(row_major) != len(blocks):
+        raise ValueError("block_topology_reference: duplicate blocks")
+    position = {rc: i for i, rc in enumerate(row_major)}
+    column_major = sorted(row_major, key=lambda rc: (rc[1], rc[0]))
+    per_row, per_column = [0] * block_rows, [0] * block_columns
+    for r, c in row_major:
+        per_row[r] += 1
+        per_column[c] += 1
+    offsets, offsets_t = [0], [0]
+    for count in per_row:
+        offsets.append(offsets[-1] + count)
+    for count in per_column:
+        offsets_t.append(offsets_t[-1] + count)
+    fields = ([r for r, _ in row_major], [c for _, c in row_major], offsets,
+              [r for r, _ in column_major], offsets_t, [position[rc] for rc in column_major])
+    return {name: _i32(value) for name, value in zip(TOPOLOGY_FIELDS, fields)}
+
+
+def topology_reference(padded_bins, num_experts: int, ffn_hidden_size: int, block_size: int) -> dict:
+    """The six int32 fields of the ``P x (E*F)`` MoE topology (:func:`blocksparse_moe.make_topology`),
+    plus ``shape`` ``(P, E*F)`` with ``P = padded_bins[-1]`` and ``block_size``. The products'
+    references below take this dict as well as a ``Topology``."""
+    bins = _int_list(padded_bins)
+    block_rows = bins[-1] // block_size if bins else 0
+    block_columns = num_experts * ffn_hidden_size // block_size
+    out = block_topology_reference(moe_blocks(bins, num_experts, ffn_hidden_size, block_size), block_rows,
+                                   block_columns)
+    out["shape"] = (block_rows * block_size, num_experts * ffn_hidden_size)
+    out["block_size"] = block_size
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# block-sparse products reference: sdd / dsd / dds on a block pattern
+# ---------------------------------------------------------------------------------------
+# The pattern is given by the COO pairs (block row, block column) of the stored blocks in
+# ``data`` order -- ``topology.row_indices`` / ``column_indices``, the definition of the
+# matrix that the caller hands the op -- and nothing else: the transposed metadata that
+# the kernels read for S^T is deliberately not used, so a wrong read of it shows. Dense
+# matrices are made and cut one block at a time (no ``SparseMatrix.to_dense``). Pass
+# float64 operands; autograd through these gives the reference gradients.
+
+
+def _pattern(topology):
+    """``(block_size, shape, [(block row, block column) of data[0], data[1], ...])`` of a
+    ``Topology`` or of a :func:`topology_reference` dict."""
+    if isinstance(topology, dict):
+        rows, cols = topology["row_indices"], topology["column_indices"]
+        b, shape = topology["block_size"], topology["shape"]
+    else:
+        rows, cols, b, shape = topology.row_indices, topology.column_indices, topology.block_size, topology.shape
+    return b, tuple(shape), list(zip(_int_list(rows), _int_list(cols)))
+
+
+def block_dense(data: torch.Tensor, topology, transposed: bool = False) -> torch.Tensor:
+    """The dense ``[M, N]`` matrix (``[N, M]`` when ``transposed``) whose block ``(r, c)`` is
+    ``data[n]`` for the ``n``-th stored pair ``(r, c)``, zero elsewhere."""
+    b, (m, n), coo = _pattern(topology)
+    dense = data.new_zeros((m, n))
+    for i, (r, c) in enumerate(coo):
+        dense[r * b:(r + 1) * b, c * b:(c + 1) * b] = data[i]
+    return dense.t() if transposed else dense
+
+
+def dense_to_blocks(dense: torch.Tensor, topology) -> torch.Tensor:
+    """``[nnz, b, b]``: the stored blocks of a dense ``topology.shape`` matrix, in ``data`` order."""
+    b, _, coo = _pattern(topology)
+    blocks = [dense[r * b:(r + 1) * b, c * b:(c + 1) * b] for r, c in coo]
+    return torch.stack(blocks) if blocks else dense.new_zeros((0, b, b))
+
+
+def sdd_reference(a: torch.Tensor, b: torch.Tensor, topology) -> torch.Tensor:
+    """``data [nnz, b, b]``: ``data[n] = (a @ b)[block (r, c)]`` for the ``n``-th stored ``(r, c)``."""
+    return dense_to_blocks(a @ b, topology)
+
+
+def dsd_reference(data: torch.Tensor, b: torch.Tensor, topology, transposed: bool = False) -> torch.Tensor:
+    """``S @ b`` (``S^T @ b`` when ``transposed``) with ``S = block_dense(data, topology)``."""
+    return block_dense(data, topology, transposed) @ b
+
+
+def dds_reference(a: torch.Tensor, data: torch.Tensor, topology, transposed: bool = False) -> torch.Tensor:
+    """``a @ S`` (``a @ S^T`` when ``transposed``) with ``S = block_dense(data, topology)``."""
+    return a @ block_dense(data, topology, transposed)

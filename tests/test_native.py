@@ -1,8 +1,12 @@
-"""The native extension blocksparse_moe._C: what it reports, its fallback, and (on a GPU) its
-CUDA ops against its CPU ops on the same cases as tests/test_routing.py.
+"""The native extension blocksparse_moe._C: what it reports, its torch fallback, and (on a
+GPU) its CUDA ops, every result against ``reference.routing_reference`` /
+``reference.topology_reference`` (never one implementation against another).
 
-CI runs with BLOCKSPARSE_MOE_REQUIRE_NATIVE=1, which makes test_native_ops_present fail when
-the installed package has no _C (so the routing tests really exercise the C++ ops).
+The package always builds _C's CPU ops, so a missing extension fails
+test_native_status_with_extension (and, under CI's BLOCKSPARSE_MOE_REQUIRE_NATIVE=1,
+test_native_ops_present). The fallback is tested by hiding the extension: the torch
+routing and topology that then run must give the reference's fields on the same cases as
+tests/test_routing.py.
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ import pytest
 import torch
 
 import blocksparse_moe as bm
-from blocksparse_moe import native as _native
-from blocksparse_moe.native.fallback import route_torch
+from blocksparse_moe import reference
 from routing_cases import CASES, ID_DTYPES, Case
-from blocksparse_moe.native.fallback import TOPOLOGY_FIELDS as _FIELDS
-from blocksparse_moe.native.fallback import topology_torch
 
 
-def make_topology_torch(padded_bins, num_experts, ffn, b):
-    fields, p = topology_torch(padded_bins, num_experts, ffn, b)
-    return bm.Topology(**fields, shape=(p, num_experts * ffn), block_size=b)
+def _loader():
+    """The native loader module. PRIVATE HOOK, the only one in this file: these tests hide the
+    extension and fake its build info through the loader's state. Repoint this line when the
+    loader moves."""
+    from blocksparse_moe import native as _native
 
-ROUTE_FIELDS = ("indices", "bin_ids", "tokens_per_expert", "bins", "padded_bins", "rows", "padded_rows")
+    return _native
+
+
+_native = _loader()
+ROUTE_FIELDS = reference.ROUTING_FIELDS
+TOPOLOGY_FIELDS = reference.TOPOLOGY_FIELDS
 MANIFEST = Path(__file__).resolve().parents[1] / "third_party" / "manifest.json"
 
 
@@ -39,14 +47,23 @@ def _vtuple(v: str):
 
 # -- what was built ---------------------------------------------------------------------------
 
-def test_native_status_content():
+STATUS_KEYS = {"extension", "cpu_ops", "cuda_ops", "cuda_archs", "cuda_version", "cccl_version", "cudart",
+               "pybind11_version", "reason"}
+
+
+def _require_extension():
+    # setup.py always builds the CPU ops: a missing _C is a broken build, not a reason to skip.
     s = bm.native_status()
-    assert set(s) == {"extension", "cpu_ops", "cuda_ops", "cuda_archs", "cuda_version", "cccl_version", "cudart",
-                      "pybind11_version", "reason"}
     if not s["extension"]:
-        assert s["cpu_ops"] is False and s["cuda_ops"] is False and "_C" in s["reason"]
-        return
-    assert s["cpu_ops"] is True
+        pytest.fail(f"blocksparse_moe._C is missing ({s['reason']}): build it with `pip install -e .` or "
+                    "`python setup.py build_ext --inplace`")
+
+
+def test_native_status_with_extension():
+    _require_extension()
+    s = bm.native_status()
+    assert set(s) == STATUS_KEYS
+    assert s["extension"] is True and s["cpu_ops"] is True
     assert re.fullmatch(r"\d+\.\d+\.\d+", s["pybind11_version"])
     assert _vtuple(s["pybind11_version"]) >= _vtuple(json.loads(MANIFEST.read_text())["pybind11"]["min_version"])
     if s["cuda_ops"]:
@@ -108,11 +125,36 @@ def missing_extension(fresh_native):
     return fresh_native
 
 
-def test_fallback_same_results_and_one_warning(missing_extension):
+def _check_against_reference(r: bm.Routing, ids: torch.Tensor, num_experts: int, block_size: int, ffn=None):
+    """Every routing field (and the topology's, when built) equals the reference's."""
+    want = reference.routing_reference(ids.cpu(), num_experts, block_size)
+    for name in ROUTE_FIELDS:
+        got = getattr(r, name)
+        assert got.dtype == torch.int32 and got.device == ids.device, name
+        assert torch.equal(got.cpu(), want[name]), f"{name} differs from reference.routing_reference"
+    if ffn is not None:
+        _check_topology(r.topology, want["padded_bins"], num_experts, ffn, block_size)
+
+
+def _check_topology(topo: bm.Topology, padded_bins, num_experts: int, ffn: int, block_size: int):
+    want = reference.topology_reference(padded_bins, num_experts, ffn, block_size)
+    assert topo.shape == want["shape"]
+    for name in TOPOLOGY_FIELDS:
+        got = getattr(topo, name)
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got.cpu(), want[name]), f"{name} differs from reference.topology_reference"
+
+
+def test_native_status_without_extension(missing_extension):
+    s = bm.native_status()
+    assert set(s) == STATUS_KEYS
+    assert s["extension"] is False and s["cpu_ops"] is False and s["cuda_ops"] is False
+    assert s["cuda_archs"] == [] and "_C" in s["reason"] and "could not be imported" in s["reason"]
+
+
+def test_fallback_matches_reference_and_warns_once(missing_extension):
     case = Case(40, 2, 6, 16, "even-experts")
     ids = case.ids()
-    spec = route_torch(ids, 6, 16)
-    spec_topo = make_topology_torch(spec["padded_bins"], 6, 32, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r1 = bm.route(ids, 6, 16, ffn_hidden_size=32)
@@ -121,28 +163,39 @@ def test_fallback_same_results_and_one_warning(missing_extension):
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1, [str(w.message) for w in runtime]
     assert "runs in torch" in str(runtime[0].message) and "_C" in str(runtime[0].message)
-    for name in ROUTE_FIELDS:
-        assert torch.equal(getattr(r1, name), spec[name]) and torch.equal(getattr(r2, name), spec[name])
-    for name in _FIELDS:
-        assert torch.equal(getattr(topo, name), getattr(spec_topo, name))
-        assert torch.equal(getattr(r1.topology, name), getattr(spec_topo, name))
-    s = bm.native_status()
-    assert s["extension"] is False and s["cpu_ops"] is False and "could not be imported" in s["reason"]
+    _check_against_reference(r1, ids, 6, 16, ffn=32)
+    _check_against_reference(r2, ids.to(torch.int32), 6, 16)
+    _check_topology(topo, reference.routing_reference(ids, 6, 16)["padded_bins"], 6, 32, 16)
 
 
-def test_fallback_matches_native(fresh_native):
-    """Native results (when built) equal what the fallback gives for the same input."""
-    if not bm.native_status()["cpu_ops"]:
-        pytest.skip("blocksparse_moe._C not built")
+@pytest.mark.parametrize("case", CASES)
+def test_fallback_cases_match_reference(missing_extension, case: Case):
+    # The torch fallback on every named routing case (empty experts, one expert takes all,
+    # k = E, T*k not a multiple of the block, each block size), as test_routing.py runs _C.
+    with pytest.warns(RuntimeWarning, match="runs in torch"):
+        r = bm.route(case.ids(), case.num_experts, case.block_size, ffn_hidden_size=2 * case.block_size)
+    _check_against_reference(r, case.ids(), case.num_experts, case.block_size, ffn=2 * case.block_size)
+
+
+def test_native_matches_reference_with_and_without_extension(fresh_native):
+    """The same input through _C and through the fallback: each equals the reference."""
+    _require_extension()
     ids = Case(30, 3, 7, 32).ids(torch.int32)
-    native = bm.route(ids, 7, 32, ffn_hidden_size=64)
+    _check_against_reference(bm.route(ids, 7, 32, ffn_hidden_size=64), ids, 7, 32, ffn=64)
     _hide_extension(fresh_native)
     with pytest.warns(RuntimeWarning, match="runs in torch"):
         fallback = bm.route(ids, 7, 32, ffn_hidden_size=64)
-    for name in ROUTE_FIELDS:
-        assert torch.equal(getattr(native, name), getattr(fallback, name)), name
-    for name in _FIELDS:
-        assert torch.equal(getattr(native.topology, name), getattr(fallback.topology, name)), name
+    _check_against_reference(fallback, ids, 7, 32, ffn=64)
+
+
+@pytest.mark.parametrize("padded_bins", [[32, 16], [16, 40], [-16, 16]], ids=["decreasing", "odd", "negative"])
+def test_fallback_topology_rejects_bad_padded_bins(missing_extension, padded_bins):
+    # The argument checks of make_topology read no data; the build validates padded_bins,
+    # and the torch fallback must do so like the C++ op.
+    with pytest.raises(ValueError, match="padded_bins"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bm.make_topology(torch.tensor(padded_bins), 2, 32, 16)
 
 
 def test_require_native_raises_instead_of_falling_back(missing_extension):
@@ -213,7 +266,7 @@ def test_arch_compatibility_rule(arch, capability, has_ptx, runs):
     assert _native._arch_runs_on(arch, capability, has_ptx) is runs
 
 
-# -- CUDA ops against the CPU ops (GPU machines; run with -m gpu) -------------------------------
+# -- CUDA ops against the reference (GPU machines; run with -m gpu) -------------------------------
 
 def _needs_cuda_ops():
     if not torch.cuda.is_available():
@@ -222,26 +275,20 @@ def _needs_cuda_ops():
         pytest.fail(f"CUDA ops missing on a GPU machine: {bm.native_status()['reason']}")
 
 
-def _check_cuda_vs_cpu(ids: torch.Tensor, num_experts: int, block_size: int, ffn: int):
-    cpu = bm.route(ids, num_experts, block_size, ffn_hidden_size=ffn)
+def _check_cuda(ids: torch.Tensor, num_experts: int, block_size: int, ffn: int):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CUDA ops must run, not the fallback
         gpu = bm.route(ids.cuda(), num_experts, block_size, ffn_hidden_size=ffn)
-    for name in ROUTE_FIELDS:
-        got = getattr(gpu, name)
-        assert got.is_cuda and got.dtype == torch.int32, name
-        assert torch.equal(got.cpu(), getattr(cpu, name)), name
-    assert gpu.topology.shape == cpu.topology.shape
-    for name in _FIELDS:
-        assert torch.equal(getattr(gpu.topology, name).cpu(), getattr(cpu.topology, name)), name
+    assert all(getattr(gpu, name).is_cuda for name in ROUTE_FIELDS)
+    _check_against_reference(gpu, ids.cuda(), num_experts, block_size, ffn=ffn)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ID_DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_cuda_route_matches_cpu(case: Case, dtype):
+def test_cuda_route_matches_reference(case: Case, dtype):
     _needs_cuda_ops()
-    _check_cuda_vs_cpu(case.ids(dtype), case.num_experts, case.block_size, 2 * case.block_size)
+    _check_cuda(case.ids(dtype), case.num_experts, case.block_size, 2 * case.block_size)
 
 
 @pytest.mark.gpu
@@ -253,7 +300,7 @@ def test_cuda_route_matches_cpu(case: Case, dtype):
 ])
 def test_cuda_route_large(t, k, e, b):
     _needs_cuda_ops()
-    _check_cuda_vs_cpu(torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(1)), e, b, 2 * b)
+    _check_cuda(torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(1)), e, b, 2 * b)
 
 
 @pytest.mark.gpu
@@ -261,17 +308,13 @@ def test_cuda_route_on_side_stream():
     """Work goes to torch's current stream, not the default one."""
     _needs_cuda_ops()
     ids = Case(500, 4, 16, 16, "distinct").ids()
-    cpu = bm.route(ids, 16, 16, ffn_hidden_size=64)
     ids_gpu = ids.cuda()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         gpu = bm.route(ids_gpu, 16, 16, ffn_hidden_size=64)
     stream.synchronize()
-    for name in ROUTE_FIELDS:
-        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
-    for name in _FIELDS:
-        assert torch.equal(getattr(gpu.topology, name).cpu(), getattr(cpu.topology, name)), name
+    _check_against_reference(gpu, ids_gpu, 16, 16, ffn=64)
 
 
 @pytest.mark.gpu
@@ -279,10 +322,9 @@ def test_cuda_route_on_side_stream():
 def test_cuda_topology_matches_cpu(dtype):
     _needs_cuda_ops()
     pb = torch.tensor([32, 32, 96, 112, 112], dtype=dtype)  # empty experts 1 and 4
-    cpu = bm.make_topology(pb, 5, 48, 16)
     gpu = bm.make_topology(pb.cuda(), 5, 48, 16)
-    for name in _FIELDS:
-        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+    assert gpu.row_indices.is_cuda
+    _check_topology(gpu, pb, 5, 48, 16)
     zero = bm.make_topology(torch.zeros(3, dtype=dtype, device="cuda"), 3, 32, 16)
     assert zero.nnz == 0 and zero.offsets_t.tolist() == [0] * 7
 

@@ -10,9 +10,11 @@ import math
 import pytest
 import torch
 
+import blocksparse_moe as bm
 from blocksparse_moe import reference
-from blocksparse_moe.router import Router, load_balancing_loss, z_loss
 from tolerances import assert_close
+
+Router, load_balancing_loss, z_loss = bm.Router, bm.load_balancing_loss, bm.z_loss
 
 LN3 = math.log(3.0)
 
@@ -116,6 +118,53 @@ def test_jitter_only_in_training():
     assert float(logits.min()) >= 0.9 and float(logits.max()) <= 1.1
 
 
+def _ks_uniform(u: torch.Tensor, lo: float, hi: float) -> float:
+    """Kolmogorov-Smirnov distance between the samples ``u`` and U(lo, hi)."""
+    v = torch.sort(((u - lo) / (hi - lo)).reshape(-1)).values
+    n = v.numel()
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - v, v - (i - 1) / n).max())
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_jitter_noise_distribution(eps):
+    # The router's input is multiplied elementwise by independent U(1 - eps, 1 + eps) noise
+    # (Switch Transformer). An invertible gate W recovers the jittered input from the logits
+    # (x * noise = logits W^-T) and so the noise; x has mixed signs and magnitudes, so noise
+    # that is additive, applied to the logits, or drawn from another distribution does not
+    # reproduce this ratio. Fixed seed: a deterministic test.
+    # Mutations caught: normal noise N(1, eps) (bounds, KS); U(1 - eps/2, 1 + eps/2) or
+    # U(1, 1 + eps) (extremes, mean, spread, KS); additive U(-eps, eps) noise or noise on the
+    # logits (the recovered ratio is not uniform: KS); one noise value per token shared by
+    # its H features (correlation); no jitter in training (spread).
+    e = h = 8
+    n = 4096
+    r = Router(h, e, 2, jitter_noise=eps, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(e, dtype=torch.float64) + 0.3 * torch.randn(e, h, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(n, h, generator=g) < 0.5, -1.0, 1.0).double()
+    x = sign * (0.5 + 2.0 * torch.rand(n, h, generator=g, dtype=torch.float64))
+    r.train()
+    torch.manual_seed(0)
+    logits = r(x).logits.detach()
+    noise = torch.linalg.solve(r.weight.detach(), logits.t()).t() / x  # x*noise = logits @ W^-T
+    samples = noise.numel()
+    lo, hi = 1.0 - eps, 1.0 + eps
+    slack = 1e-9  # the solve's rounding
+    assert float(noise.min()) >= lo - slack and float(noise.max()) <= hi + slack
+    # 32768 draws: the extremes sit within ~(2 eps) * 10 / n of the ends (probability e^-10 otherwise).
+    assert float(noise.min()) < lo + 2 * eps * 1e-3 and float(noise.max()) > hi - 2 * eps * 1e-3
+    sd = 2 * eps / 12 ** 0.5  # standard deviation of U(lo, hi)
+    assert abs(float(noise.mean()) - 1.0) < 5 * sd / samples ** 0.5
+    assert abs(float(noise.std()) / sd - 1.0) < 0.02  # the spread's own sd is ~0.5% here
+    # Kolmogorov-Smirnov: 1.95 / sqrt(n) is the 0.1% critical value.
+    assert _ks_uniform(noise, lo, hi) < 1.95 / samples ** 0.5
+    # Independent per element: neighbouring features of a token are uncorrelated.
+    c = torch.corrcoef(torch.stack([noise[:, 0], noise[:, 1]]))[0, 1]
+    assert abs(float(c)) < 5 / n ** 0.5
+
+
 def test_no_jitter_means_deterministic_in_training():
     r = identity_router(4, 2)
     r.train()
@@ -203,9 +252,17 @@ def test_router_matches_reference_with_gradients(score, renormalize, num_experts
 def test_float32_router_computes_in_float32_for_half_inputs():
     # bf16 tokens: logits, scores and weights come back in float32 (never rounded to bf16).
     r = Router(8, 4, 2, dtype=torch.bfloat16)
-    out = r(torch.randn(5, 8, dtype=torch.bfloat16))
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    out = r(x)
     assert out.logits.dtype == torch.float32 and out.scores.dtype == torch.float32
     assert out.weights.dtype == torch.float32
+    # ... and their values are the fp32 ones: a bf16 rounding on the way (~4e-3 relative)
+    # would fail the fp32 tolerance against the float64 reference of the rounded inputs.
+    weights, _, scores = reference.router_reference(x.double() @ r.weight.detach().double().t(), 2,
+                                                    expert_indices=out.indices)
+    assert_close(out.logits, x.double() @ r.weight.detach().double().t(), torch.float32, msg="logits")
+    assert_close(out.scores, scores, torch.float32, msg="scores")
+    assert_close(out.weights, weights, torch.float32, msg="weights")
 
 
 # -- errors and module plumbing -------------------------------------------------------------
