@@ -47,8 +47,16 @@ def test_recorder_sees_every_variant(launches):
     kernels = {l.qualname for l in launches}
     assert {"_sdd_kernel", "_dsd_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel", "_gather_kernel",
             "_scatter_kernel", "_scatter_wgrad_kernel", "_invert_rows_kernel"} <= kernels
+    # Blocks under 64 rows run the sdd's merged kernel; every block size reaches one of them.
+    assert _values(launches, "_sdd_kernel", "BLOCK") | _values(launches, "_sdd_merged_kernel", "BLOCK") == \
+        {16, 32, 64, 128}
+    # The layer's fused expert kernels, every block size and both forms of the MLP.
+    assert {"_up_kernel", "_down_kernel", "_act_bwd_kernel", "_wgrad_kernel"} <= kernels
+    for kernel in ("_up_kernel", "_down_kernel", "_act_bwd_kernel", "_dsd_kernel"):
+        assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}, kernel
+    assert _values(launches, "_up_kernel", "GLU") == {True, False}
+    assert _values(launches, "_down_kernel", "ACT") == {0, 1, 2, 3}  # each activation on the load
     for kernel in ("_sdd_kernel", "_dsd_kernel"):
-        assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}
         dtypes = {l.plan.dtype for l in launches if l.qualname == kernel}
         assert dtypes == {torch.float32, torch.float16, torch.bfloat16}
     assert _values(launches, "_sdd_kernel", "HAS_A_ROWS") == {True, False}  # with and without the row gather
