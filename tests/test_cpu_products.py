@@ -10,6 +10,7 @@ import torch
 from blocksparse_moe import ops
 from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
+from blocksparse_moe.cpu import rectangles as cpu_rectangles
 from blocksparse_moe.topology import Topology
 from product_cases import moe_topology, randn
 from tolerances import assert_close, poisoned
@@ -67,10 +68,10 @@ def gemm(request, monkeypatch):
     """fp16/bf16 GEMMs upcast to fp32, or run in fp16/bf16 (oneDNN's fp32-accumulating
     kernels where the CPU has them; forced here so both paths run on every machine)."""
     if request.param == "upcast":
-        monkeypatch.setattr(cpu_products, "_gemm_dtype", cpu_products._acc_dtype)
+        monkeypatch.setattr(cpu_rectangles, "_gemm_dtype", cpu_rectangles._acc_dtype)
     else:
-        monkeypatch.setattr(cpu_products, "_gemm_dtype",
-                            lambda dt: dt if dt in (torch.float16, torch.bfloat16) else cpu_products._acc_dtype(dt))
+        monkeypatch.setattr(cpu_rectangles, "_gemm_dtype",
+                            lambda dt: dt if dt in (torch.float16, torch.bfloat16) else cpu_rectangles._acc_dtype(dt))
     return request.param
 
 
@@ -93,7 +94,7 @@ def test_half_precision_gemms(gemm, dtype):
 @pytest.mark.parametrize("stage", [1, 1 << 30], ids=["one-rectangle-per-run", "one-run"])
 def test_staging_run_sizes(monkeypatch, stage):
     # The staging bound only changes how many rectangles one copy serves, never the result.
-    monkeypatch.setattr(cpu_products, "_STAGE_ELEMENTS", stage)
+    monkeypatch.setattr(cpu_rectangles, "_STAGE_ELEMENTS", stage)
     _check_all(moe_topology([16, 16, 40, 3, 16, 16], 32, 16), torch.float32)
 
 
@@ -102,11 +103,11 @@ def test_batched_matches_one_matmul_per_expert(monkeypatch, threads, batches):
     # Neighbouring experts of one size run as one bmm, in multiples of the thread count (the
     # odd one out as its own matmul); the sums are those of one mm per expert (fp64: exact).
     topo = moe_topology([16, 16, 16, 32, 32], 32, 16)
-    segs = cpu_products.rectangles(topo.row_indices, topo.column_indices, topo.offsets)
+    segs = cpu_rectangles.rectangles(topo.row_indices, topo.column_indices, topo.offsets)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert [n for _, n, _ in cpu_products._batches(segs)] == batches
+    assert [n for _, n, _ in cpu_rectangles._batches(segs)] == batches
     _check_all(topo, torch.float64)
-    monkeypatch.setattr(cpu_products, "_batches", lambda group, *args, **kw: ((i, 1, sum(s[1] for s in group[:i]))
+    monkeypatch.setattr(cpu_rectangles, "_batches", lambda group, *args, **kw: ((i, 1, sum(s[1] for s in group[:i]))
                                                                          for i in range(len(group))))
     _check_all(topo, torch.float64)
 
@@ -118,9 +119,9 @@ def test_overlapping_output_ranges():
     rows = torch.tensor([0, 0, 1, 1, 3, 3, 4, 5, 5, 5])
     cols = torch.tensor([1, 2, 1, 2, 1, 2, 2, 2, 3, 4])
     topo = Topology.from_block_coo(rows, cols, (6 * 16, 7 * 16), 16)
-    segs = cpu_products.rectangles(topo.row_indices, topo.column_indices, topo.offsets)
+    segs = cpu_rectangles.rectangles(topo.row_indices, topo.column_indices, topo.offsets)
     assert segs is not None and len(segs) == 4
-    fresh, zero = cpu_products._cover([(c0, c0 + c) for _, _, c0, c, _ in segs], 7)
+    fresh, zero = cpu_rectangles._cover([(c0, c0 + c) for _, _, c0, c, _ in segs], 7)
     assert fresh == [True, False, False, False] and zero == [(0, 1), (3, 7)]
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         _check_all(topo, dtype)
@@ -160,9 +161,9 @@ def test_grouped_operand_pieces(layout, group):
 def test_operand_views_share_storage():
     # Operand slices and batches are views: nothing is copied per call.
     t = torch.randn(8, 6 * 16)
-    op = cpu_products.Operand(t, "cols")
+    op = cpu_rectangles.Operand(t, "cols")
     assert op.batch(16, 3, 16).shape == (3, 8, 16) and op.batch(16, 3, 16).data_ptr() == t[:, 16:].data_ptr()
     g = torch.randn(6, 16, 8)
-    rows = cpu_products.Operand(g, "rows")
+    rows = cpu_rectangles.Operand(g, "rows")
     assert rows.batch(32, 2, 16).data_ptr() == g[2].data_ptr() and rows.batch(8, 2, 16) is None
     assert [(lo, hi) for lo, hi, _ in rows.pieces(8, 40)] == [(0, 8), (8, 24), (24, 32)]

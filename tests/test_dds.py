@@ -7,6 +7,7 @@ import torch
 from blocksparse_moe import backend, ops
 from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
+from blocksparse_moe.cpu import rectangles as cpu_rectangles
 from blocksparse_moe.matrix import SparseMatrix
 from product_cases import GROUPED_LAYOUTS, case_params, grouped, moe_topology, randn, sparse_scale, topology
 from tolerances import assert_close, poisoned
@@ -75,7 +76,7 @@ def test_dds_strided_output(path):
 
 @pytest.mark.parametrize("transposed", TRANSPOSED)
 def test_dds_cpu_chunked_path(monkeypatch, transposed):
-    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_rectangles, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, s = _operands(topo, transposed, torch.float64, "cpu")
     got = cpu_products.dds(a, s.data, *products._meta(topo), transposed)

@@ -6,6 +6,7 @@ import torch
 from blocksparse_moe import backend, ops
 from blocksparse_moe.ops import products
 from blocksparse_moe.cpu import products as cpu_products
+from blocksparse_moe.cpu import rectangles as cpu_rectangles
 from blocksparse_moe.matrix import SparseMatrix
 from product_cases import GROUPED_LAYOUTS, case_params, dense_blocks, grouped, moe_topology, randn, topology
 from tolerances import assert_close, poisoned
@@ -86,11 +87,11 @@ def test_sdd_gathers_a_rows(path, dtype):
 
 def test_sdd_cpu_chunked_path(monkeypatch):
     # Tiny chunks: the generic (non-rectangle) CPU path must give the same blocks over many bmm chunks.
-    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_rectangles, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, b = _operands(topo, torch.float64, "cpu")
     meta = products._meta(topo)
-    assert cpu_products.rectangles(topo.row_indices, topo.column_indices, topo.offsets) is None
+    assert cpu_rectangles.rectangles(topo.row_indices, topo.column_indices, topo.offsets) is None
     got = cpu_products.sdd(a, b, *meta, 16)
     assert_close(got, dense_blocks(_expected(a, b, topo), topo), torch.float64)
 
@@ -255,7 +256,7 @@ def test_sdd_grouped_b_gradcheck_fp64(case, group):
 def test_sdd_grouped_cpu_chunked_path(monkeypatch):
     from blocksparse_moe.cpu import products as cpu_products
 
-    monkeypatch.setattr(cpu_products, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_rectangles, "_CHUNK_ELEMENTS", 1)
     topo = topology("coo-arbitrary-b16", "cpu")
     a, b = _operands(topo, torch.float64, "cpu")
     got = cpu_products.sdd(a, grouped(b, "cols", 16, "transposed-storage"), *products._meta(topo), 16)
