@@ -41,8 +41,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -67,7 +68,8 @@ class Launch:
 
     module: str
     qualname: str
-    args: List[Tuple[str, str, object]]  # (name, kind, value): kind "ptr" (value dtype), "int", "u1", "fp32", "constexpr"
+    # (name, kind, value), kind one of "ptr" (value: the dtype), "int", "u1", "fp32", "constexpr"
+    args: List[Tuple[str, str, object]]
     options: Dict[str, int]
     plan: object = None  # a _common.Tiles, "fixed" (launch() without tiles) or None (bypassed launch())
     aligned: Dict[str, bool] = field(default_factory=dict)  # pointers / ints as recorded: 16-divisible?
@@ -101,8 +103,9 @@ def record(workload=None, execute: bool = False) -> List[Launch]:
     With ``execute=False`` the intercepted launches are recorded but not run (the outputs
     keep whatever ``torch.empty`` gave them): the recording then takes seconds instead of
     minutes, and nothing on the host reads a kernel's output (the layer makes no host
-    reads of device data; routing and topology are not Triton kernels). Needs ``TRITON_INTERPRET=1`` set before ``blocksparse_moe`` was imported (tests/conftest.py
-    and bench/compile_report.py do that).
+    reads of device data; routing and topology are not Triton kernels). Needs
+    ``TRITON_INTERPRET=1`` set before ``blocksparse_moe`` was imported (tests/conftest.py and
+    bench/compile_report.py do that).
     """
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -274,7 +277,8 @@ def covering(all_jobs: Sequence[dict], per_block_size: bool = True) -> List[dict
     groups: Dict[tuple, Dict[str, Dict[tuple, List[dict]]]] = {}
     for job in all_jobs:
         c = job["constexprs"]
-        key = (job["module"], job["qualname"], job["capability"], _dtype(job), c.get("BLOCK") if per_block_size else 0)
+        block = c.get("BLOCK") if per_block_size else 0
+        key = (job["module"], job["qualname"], job["capability"], dtype_of(job), block)
         rest = {k: v for k, v in c.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         layout = (json.dumps(rest, sort_keys=True, default=str), json.dumps(job["signature"], sort_keys=True),
                   json.dumps(job["divisible"]), job["spec"])
@@ -311,11 +315,11 @@ def ci_jobs(launches: Sequence[Launch]) -> List[dict]:
             product = "BLOCK_M" in c
             # A product's block size (the weight-gradient kernel has none: its row tile stands in).
             block = c.get("BLOCK", c.get("BLOCK_M"))
-            if _dtype(job) not in keep:
+            if dtype_of(job) not in keep:
                 continue
-            if cap == 90 and (block in (16, 128) if product else _dtype(job) in ("bf16", "-")):
+            if cap == 90 and (block in (16, 128) if product else dtype_of(job) in ("bf16", "-")):
                 selected.append(job)
-            elif cap != 90 and product and block == 128 and _dtype(job) == "bf16":
+            elif cap != 90 and product and block == 128 and dtype_of(job) == "bf16":
                 selected.append(job)
         out += covering(selected)
     return out
@@ -381,34 +385,60 @@ def _compile_one(job: dict) -> dict:
 
 
 def _worker() -> None:
-    """Entry point of a compile worker: jobs as JSON on stdin, results as JSON on stdout."""
+    """A compile worker: one job per line on stdin, one result per line on the original
+    stdout. Everything else printed (Triton prints ptxas failures, C code writes to fd 1)
+    goes to stderr, so it cannot garble the results."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    # Triton prints ptxas failures to stdout; the results own it, so everything else goes to stderr.
-    out, sys.stdout = sys.stdout, sys.stderr
-    results = [_compile_one(job) for job in json.load(sys.stdin)]
-    json.dump(results, out)
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        results.write(json.dumps(_compile_one(json.loads(line))) + "\n")
+        results.flush()
 
 
-def compile_jobs(jobs: Sequence[dict], workers: Optional[int] = None, timeout: float = 600) -> List[dict]:
-    """Compile ``jobs`` in ``workers`` processes (default: one per CPU) with the interpreter off."""
+def compile_jobs(jobs: Sequence[dict], workers: Optional[int] = None, progress=None) -> List[dict]:
+    """Compile ``jobs`` in ``workers`` processes (default: one per CPU) with the interpreter
+    off, handing out one job at a time; ``progress(done, total)`` is called after each."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    chunks = [list(jobs[i::workers]) for i in range(workers)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    pending = list(enumerate(jobs))
+    results: List[Optional[dict]] = [None] * len(jobs)
+    lock = threading.Lock()
 
-    def run(chunk):
-        proc = subprocess.run([sys.executable, "-c", "import compile_targets; compile_targets._worker()"],
-                              input=json.dumps(chunk), capture_output=True, text=True, env=env, timeout=timeout,
-                              cwd=str(REPO))
-        if proc.returncode:
-            raise RuntimeError(f"compile worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(proc.stdout)
+    def run():
+        with tempfile.TemporaryFile(mode="w+") as log:
+            proc = subprocess.Popen([sys.executable, "-c", "import compile_targets; compile_targets._worker()"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                    cwd=str(REPO))
+            try:
+                while True:
+                    with lock:
+                        if not pending:
+                            break
+                        i, job = pending.pop(0)
+                    proc.stdin.write(json.dumps(job) + "\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                    if not line:
+                        log.seek(0)
+                        raise RuntimeError(f"compile worker died ({proc.poll()}):\n{log.read()[-4000:]}")
+                    results[i] = json.loads(line)
+                    if progress is not None:
+                        with lock:
+                            progress(sum(r is not None for r in results), len(results))
+            finally:
+                proc.stdin.close()
+                proc.wait()
 
     with ThreadPoolExecutor(workers) as pool:
-        return [r for part in pool.map(run, chunks) for r in part]
+        for future in [pool.submit(run) for _ in range(workers)]:
+            future.result()
+    return results
 
 
 # -- 4. checks and the report ---------------------------------------------------------------
@@ -435,7 +465,7 @@ def problems(results: Sequence[dict]) -> List[str]:
     return out
 
 
-def _dtype(result: dict) -> str:
+def dtype_of(result: dict) -> str:
     ptrs = [t[1:] for t in result["signature"].values() if t.startswith("*") and t[1:] in ("fp32", "fp16", "bf16")]
     dtype = ptrs[0] if ptrs else "-"
     if dtype == "fp32" and result["constexprs"].get("INPUT_PRECISION") == "tf32":
@@ -451,7 +481,7 @@ def _layout(result: dict) -> str:
 
 def rows(results: Sequence[dict]) -> List[dict]:
     out = []
-    for r in sorted(results, key=lambda r: (r["capability"], r["module"], r["qualname"], _dtype(r),
+    for r in sorted(results, key=lambda r: (r["capability"], r["module"], r["qualname"], dtype_of(r),
                                             r["constexprs"].get("BLOCK", 0), json.dumps(r["constexprs"], default=str),
                                             json.dumps(r["options"]))):
         c = r["constexprs"]
@@ -462,7 +492,7 @@ def rows(results: Sequence[dict]) -> List[dict]:
                          if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK", "INTERPRET", "INPUT_PRECISION")
                          and not k.startswith("stride") and v is not None)
         out.append(dict(kernel=r["qualname"].strip("_").replace("_kernel", ""), target=f"sm_{r['capability']}",
-                        dtype=_dtype(r), block_size=c.get("BLOCK") if "BLOCK_M" in c else None, flags=flags,
+                        dtype=dtype_of(r), block_size=c.get("BLOCK") if "BLOCK_M" in c else None, flags=flags,
                         unit_strides=_layout(r), config=config, spec=r["spec"], ok=r["ok"],
                         regs=r.get("regs"), spill_bytes=r.get("spill_bytes"), shared=r.get("shared"),
                         mma=r.get("mma"), buffers=r.get("buffers"), error=r.get("error")))
@@ -477,5 +507,3 @@ def summary(results: Sequence[dict]) -> Dict[str, object]:
                 max_shared=max((r["shared"] for r in ok), default=0))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    _worker()

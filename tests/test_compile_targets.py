@@ -22,9 +22,15 @@ import triton
 import triton.language as tl
 
 import compile_targets as ct
+from blocksparse_moe import backend
 from blocksparse_moe.kernels import _common
 
+# The recorder runs the launchers under the interpreter, which conftest.py turns on only
+# on machines without a GPU (bench/compile_report.py does the same sweep on a GPU machine).
+needs_interpreter = pytest.mark.skipif(not backend.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+pytestmark = needs_interpreter
 FULL = os.environ.get("BLOCKSPARSE_MOE_COMPILE_SWEEP", "") == "full"
+PRODUCTS = ("_sdd_kernel", "_sdd_merged_kernel", "_dsd_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +51,23 @@ def test_recorder_sees_every_variant(launches):
     # The workload reaches every variant the issue lists; if a launcher stops being called
     # (or a flag is never set) the sweep would silently lose it.
     kernels = {l.qualname for l in launches}
-    assert {"_sdd_kernel", "_dsd_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel", "_gather_kernel",
-            "_scatter_kernel", "_scatter_wgrad_kernel", "_invert_rows_kernel"} <= kernels
-    # Blocks under 64 rows run the sdd's merged kernel; every block size reaches one of them.
-    assert _values(launches, "_sdd_kernel", "BLOCK") | _values(launches, "_sdd_merged_kernel", "BLOCK") == \
-        {16, 32, 64, 128}
+    assert set(PRODUCTS) | {"_glu_fwd_kernel", "_glu_bwd_kernel", "_gather_kernel", "_scatter_kernel",
+                            "_scatter_wgrad_kernel", "_invert_rows_kernel"} <= kernels
+    # Blocks of 16 and 32 run the merged sdd kernel, 64 and 128 the per-block one.
+    assert _values(launches, "_sdd_merged_kernel", "BLOCK") == {16, 32}
+    assert _values(launches, "_sdd_kernel", "BLOCK") == {64, 128}
+    assert _values(launches, "_dsd_kernel", "BLOCK") == {16, 32, 64, 128}
+    for kernel in PRODUCTS:
+        assert {l.plan.dtype for l in launches if l.qualname == kernel} == {torch.float32, torch.float16,
+                                                                             torch.bfloat16}
+    for kernel in ("_sdd_kernel", "_sdd_merged_kernel"):
+        assert _values(launches, kernel, "HAS_A_ROWS") == {True, False}  # with and without the row gather
     # The layer's fused expert kernels, every block size and both forms of the MLP.
     assert {"_up_kernel", "_down_kernel", "_act_bwd_kernel", "_wgrad_kernel"} <= kernels
-    for kernel in ("_up_kernel", "_down_kernel", "_act_bwd_kernel", "_dsd_kernel"):
+    for kernel in ("_up_kernel", "_down_kernel", "_act_bwd_kernel"):
         assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}, kernel
     assert _values(launches, "_up_kernel", "GLU") == {True, False}
     assert _values(launches, "_down_kernel", "ACT") == {0, 1, 2, 3}  # each activation on the load
-    for kernel in ("_sdd_kernel", "_dsd_kernel"):
-        dtypes = {l.plan.dtype for l in launches if l.qualname == kernel}
-        assert dtypes == {torch.float32, torch.float16, torch.bfloat16}
-    assert _values(launches, "_sdd_kernel", "HAS_A_ROWS") == {True, False}  # with and without the row gather
     assert _values(launches, "_dsd_kernel", "HAS_BLOCK_INDEX") == {True, False}  # S and S^T (dds, dW)
     for kernel in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
         assert _values(launches, kernel, "ACT") == {0, 1, 2, 3}  # silu, gelu, gelu_tanh, relu
@@ -72,7 +80,7 @@ def test_every_launch_is_device_guarded(launches):
 
 
 def test_fp32_compiles_with_and_without_tf32(results):
-    products = [r for r in results if r["qualname"] in ("_sdd_kernel", "_dsd_kernel")]
+    products = [r for r in results if r["qualname"] in PRODUCTS]
     assert {r["constexprs"]["INPUT_PRECISION"] for r in products} == {"ieee", "tf32"}
     assert all(r["constexprs"]["INTERPRET"] is False for r in products)
 
@@ -83,17 +91,29 @@ def test_every_variant_compiles_without_spills_within_shared_memory(results):
     assert not found, f"{len(found)} of {len(results)} variants fail:\n" + "\n".join(found[:40])
 
 
-def test_tensor_cores_where_the_tiles_allow(results):
-    # fp16/bf16/tf32 products with 64-row tiles run wgmma on sm_90 and mma.sync on sm_80;
-    # true fp32 (torch's default) runs on the CUDA cores.
+def test_tensor_cores_for_every_tensor_core_dtype(results):
+    # fp16/bf16/TF32 products run wgmma on sm_90 (blocks of 16 and 32 too: transposed and
+    # merged tiles) and mma.sync on sm_80; true fp32 (torch's default) runs on the CUDA cores.
+    checked = 0
     for r in results:
-        if r["qualname"] not in ("_sdd_kernel", "_dsd_kernel") or not r["ok"]:
+        if r["qualname"] not in PRODUCTS or not r["ok"] or r["capability"] not in (80, 90):
             continue
-        fp32 = ct._dtype(r) == "fp32"
-        want = "none" if fp32 else {80: "mma.sync", 90: "wgmma" if r["constexprs"]["BLOCK_M"] >= 64 else "mma.sync",
-                                    100: None}[r["capability"]]
-        if want is not None:
-            assert r["mma"] == want, ct.label(r)
+        want = "none" if ct.dtype_of(r) == "fp32" else "wgmma" if r["capability"] == 90 else "mma.sync"
+        assert r["mma"] == want, ct.label(r)
+        checked += 1
+    assert checked
+
+
+def test_products_pipeline_num_stages_deep(results):
+    # Every tensor-core product keeps num_stages shared-memory tiles in flight (read from
+    # the TTGIR). The dsd kept 1-3 for num_stages 3-5 while it loaded its block column in
+    # the same iteration as the tiles that column addresses.
+    checked = 0
+    for r in results:
+        if r["qualname"] in PRODUCTS and r["ok"] and r["mma"] in ("wgmma", "mma.sync") and r["capability"] == 90:
+            assert r["buffers"] == r["options"]["num_stages"], ct.label(r)
+            checked += 1
+    assert checked
 
 
 # -- the checks themselves can fail ---------------------------------------------------------
