@@ -34,16 +34,17 @@ hidden matrix the DSD consumes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ContextManager, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import ops
 from .matrix import SparseMatrix
-from .router import SCORES, Router
+from .router import SCORES, Router, check_float
 from .routing import Routing, route
 from .topology import check_block_size, make_topology
 
@@ -89,6 +90,30 @@ def _add_column_bias(s: SparseMatrix, bias: torch.Tensor) -> SparseMatrix:
     return s.with_data(s.data + per_block.unsqueeze(1))
 
 
+def _autocast_operands(x: torch.Tensor, *tensors: Optional[torch.Tensor]
+                       ) -> Tuple[Tuple[Optional[torch.Tensor], ...], ContextManager]:
+    """Mixed precision at the entry of the expert path, as MegaBlocks does it.
+
+    Under ``torch.autocast`` on ``x``'s device, ``x`` and ``tensors`` (the expert weights and
+    biases) that are float32/float16/bfloat16 are cast to the autocast dtype here, once per
+    call (once per step: the casts are differentiable, so gradients reach the fp32
+    parameters in their own dtype), and the returned context turns autocast off for the
+    ops inside, which then run in that dtype instead of being re-cast op by op. float64
+    is left alone, as autocast leaves it. Outside autocast: the tensors unchanged and a
+    null context. Returns ``((x, *tensors), context)``.
+    """
+    device = x.device.type
+    if not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device)):
+        return (x, *tensors), contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return t
+        return t.to(dtype)
+    return tuple(cast(t) for t in (x, *tensors)), torch.autocast(device, enabled=False)
+
+
 def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor], w1: torch.Tensor,
                w2: torch.Tensor, b1: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None, *,
                activation: str = "silu", glu: bool = True) -> torch.Tensor:
@@ -108,12 +133,28 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
         glu: ``w1`` packs ``[gate | up]`` (``G = 2``).
 
     Returns ``[T, H]`` in x's dtype. Differentiable in x, weights, w1, w2, b1, b2.
+
+    Any strides: an ``x`` without unit stride along ``H`` (``x[:, ::2]``, ``x.t()``) is copied
+    once to a contiguous tensor for the permute kernels. Under ``torch.autocast`` the experts
+    run in the autocast dtype (x and the weights cast once, float32 ``weights`` kept) and
+    the result is in that dtype.
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"expert_mlp: routing must be a Routing, got {type(routing).__name__}")
     for name, t in (("x", x), ("w1", w1), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"expert_mlp: {name} must be a tensor, got {type(t).__name__}")
+    (x, w1, w2, b1, b2), amp_off = _autocast_operands(x, w1, w2, b1, b2)
+    if (weights is not None and x.dtype != weights.dtype and weights.dtype != torch.float32
+            and not isinstance(amp_off, contextlib.nullcontext)):
+        weights = weights.to(x.dtype)  # under autocast: the router's float32 stays float32
+    with amp_off:
+        return _expert_mlp(x, routing, weights, w1, w2, b1, b2, activation=activation, glu=glu)
+
+
+def _expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor], w1: torch.Tensor,
+                w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], *, activation: str,
+                glu: bool) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"expert_mlp: x must be [T, H], got shape {tuple(x.shape)}")
     if w1.dim() != 3 or w2.dim() != 3:
@@ -148,6 +189,12 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
     topo_in = topo_hidden if groups == 1 else make_topology(routing.padded_bins, experts, groups * ffn, b,
                                                             padded_tokens=topo_hidden.shape[0])
 
+    if tokens == 0:
+        # Nothing to route. Every input stays in the graph (zero gradients), and no kernel
+        # sees the zero-stride gradient of an empty ``out.sum()``.
+        return _empty_output(x, weights, w1, w2, b1, b2)
+    if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()  # the permutes read rows with unit stride along H (documented copy)
     x_perm = ops.padded_gather(x, routing, k)  # [P, H], padding rows zero
     # The weights are grouped operands (any strides, read in place): w1^T [E, H, G*F] is the
     # SDD's b grouped along its columns, w2 [E, F, H] the DSD's b grouped along its rows.
@@ -167,6 +214,15 @@ def expert_mlp(x: torch.Tensor, routing: Routing, weights: Optional[torch.Tensor
         if weights is not None:
             bias = bias * weights.unsqueeze(-1)
         out = out + bias.sum(1).to(out.dtype)
+    return out
+
+
+def _empty_output(x: torch.Tensor, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[0, H]`` output of zero tokens, connected to every input so backward gives zeros."""
+    out = x.new_zeros(x.shape)
+    for t in (x, *inputs):
+        if t is not None and t.requires_grad:
+            out = out + t.sum().to(out.dtype) * 0
     return out
 
 
@@ -204,10 +260,12 @@ class DenseMLP(nn.Module):
                 f"activation={self.activation!r}, glu={self.glu}, bias={self.b1 is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(x, self.w1, self.b1)
-        a = ops.sparse_glu_packed(h, self.activation) if self.glu else ops.sparse_activation(h, self.activation)
-        y = a @ self.w2
-        return y if self.b2 is None else y + self.b2
+        (x, w1, w2, b1, b2), amp_off = _autocast_operands(x, self.w1, self.w2, self.b1, self.b2)
+        with amp_off:
+            h = torch.nn.functional.linear(x, w1, b1)
+            a = ops.sparse_glu_packed(h, self.activation) if self.glu else ops.sparse_activation(h, self.activation)
+            y = a @ w2
+            return y if b2 is None else y + b2
 
 
 def _uniform(p: Optional[torch.Tensor], fan_in: int) -> None:
@@ -265,6 +323,10 @@ class DroplessMoE(nn.Module):
             raise ValueError(f"DroplessMoE: score must be one of {SCORES}, got {score!r}")
         if shared_expert_gate and not shared_expert_size:
             raise ValueError("DroplessMoE: shared_expert_gate needs shared_expert_size > 0")
+        check_float("DroplessMoE", "scaling_factor", scaling_factor, low=0.0, low_open=True)
+        check_float("DroplessMoE", "jitter_noise", jitter_noise, low=0.0, high=1.0, high_open=True)
+        check_float("DroplessMoE", "load_balancing_coef", load_balancing_coef, low=0.0)
+        check_float("DroplessMoE", "z_loss_coef", z_loss_coef, low=0.0)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         kw = dict(dtype=dtype, device=device)
         self.hidden_size = hidden_size
@@ -315,13 +377,21 @@ class DroplessMoE(nn.Module):
         ``expert_indices [T, k]`` (``T`` = tokens after flattening the leading dims), when
         given, replaces the router's top-k choice; the weights are still the router's scores
         of those experts. Tests force routing distributions with it; integrations replay one.
+
+        ``x`` may have any strides. Under ``torch.autocast`` (CPU or CUDA) the experts and the
+        shared expert run in the autocast dtype with the parameters cast once per call
+        (gradients flow back to them in their own dtype), the router stays in float32
+        (see :class:`~blocksparse_moe.router.Router`), and ``out`` is in the autocast dtype.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DroplessMoE: x must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"DroplessMoE: x must be [..., {self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.w1.dtype:
-            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self.w1.dtype}")
+        amp = (torch.get_autocast_dtype(x.device.type)
+               if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) else None)
+        if x.dtype != self.w1.dtype and x.dtype != amp:
+            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self.w1.dtype}"
+                            + (f" (and autocast's dtype is {amp})" if amp is not None else ""))
         if x.device != self.w1.device:
             raise ValueError(f"DroplessMoE: x is on {x.device} but the layer's parameters are on {self.w1.device}")
         shape = x.shape

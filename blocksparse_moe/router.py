@@ -33,6 +33,7 @@ that the caller adds to its training loss):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -43,6 +44,26 @@ from torch import nn
 from ._library import custom_op
 
 SCORES = ("softmax", "sigmoid")
+
+
+def check_float(owner: str, name: str, value, *, low: float = -math.inf, high: float = math.inf,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``float(value)`` once it is a finite real number in the range; else a ``TypeError``
+    (not a number) or ``ValueError`` naming ``owner`` and the argument ``name``.
+
+    ``low``/``high`` bound the range, inclusive unless ``low_open``/``high_open``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        lo = "-inf" if low == -math.inf else f"{low:g}"
+        hi = "inf" if high == math.inf else f"{high:g}"
+        span = f"{'(' if low_open or low == -math.inf else '['}{lo}, {hi}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{owner}: {name} must be a finite number in {span}, got {value!r}")
+    return v
 
 
 def _checked_expert_ids_fake(expert_indices, num_experts):
@@ -141,12 +162,12 @@ class Router(nn.Module):
             raise ValueError(f"Router: top_k ({top_k}) must be <= num_experts ({num_experts})")
         if score not in SCORES:
             raise ValueError(f"Router: score must be one of {SCORES}, got {score!r}")
-        for name, v in (("jitter_noise", jitter_noise), ("load_balancing_coef", load_balancing_coef),
-                        ("z_loss_coef", z_loss_coef)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v and math.isfinite(v)):
-                raise ValueError(f"Router: {name} must be a finite number >= 0, got {v!r}")
-        if jitter_noise >= 1.0:
-            raise ValueError(f"Router: jitter_noise must be < 1 (it scales inputs by U(1-eps, 1+eps)), got {jitter_noise}")
+        # Every float hyper-parameter: a NaN scaling factor would make every output NaN.
+        check_float("Router", "scaling_factor", scaling_factor, low=0.0, low_open=True)
+        # jitter scales inputs by U(1 - eps, 1 + eps): eps in [0, 1)
+        check_float("Router", "jitter_noise", jitter_noise, low=0.0, high=1.0, high_open=True)
+        check_float("Router", "load_balancing_coef", load_balancing_coef, low=0.0)
+        check_float("Router", "z_loss_coef", z_loss_coef, low=0.0)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -196,7 +217,9 @@ class Router(nn.Module):
             raise TypeError(f"Router: x must be a tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"Router: x must be [T, {self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
+        amp = (torch.get_autocast_dtype(x.device.type)
+               if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) else None)
+        if x.dtype != self.weight.dtype and x.dtype != amp:
             raise TypeError(f"Router: x is {x.dtype} but the router weight is {self.weight.dtype}")
         t = x.shape[0]
         if expert_indices is not None:
@@ -213,12 +236,15 @@ class Router(nn.Module):
         # The gate runs in float32 (float64 stays float64), as DeepSeek-V3 and Megatron's
         # router do: bf16 logits would round each weight by ~0.4% and flip near-tied
         # choices. It is tiny next to the experts (E columns), but saves a float32 copy of x.
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        logits = torch.nn.functional.linear(x.to(cdt), self.weight.to(cdt))
-        if self.score == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-        else:
-            scores = torch.sigmoid(logits)
+        # Under torch.autocast too: autocast would run the gate in bf16/fp16, so it is turned
+        # off here and the router stays float32 (x of the autocast dtype is accepted).
+        cdt = torch.promote_types(torch.promote_types(x.dtype, self.weight.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            logits = torch.nn.functional.linear(x.to(cdt), self.weight.to(cdt))
+            if self.score == "softmax":
+                scores = torch.softmax(logits, dim=-1)
+            else:
+                scores = torch.sigmoid(logits)
         if expert_indices is None:
             with torch.no_grad():
                 selection = scores if self.expert_bias is None else scores + self.expert_bias
@@ -246,6 +272,7 @@ class Router(nn.Module):
         """
         if self.expert_bias is None:
             raise RuntimeError("Router.update_expert_bias: the router was built with expert_bias=False")
+        rate = check_float("Router.update_expert_bias", "rate", rate, low=0.0)
         if tokens_per_expert.shape != (self.num_experts,):
             raise ValueError(f"Router.update_expert_bias: tokens_per_expert must be [{self.num_experts}], "
                              f"got {tuple(tokens_per_expert.shape)}")
