@@ -40,7 +40,9 @@ two runs are bitwise equal.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -90,8 +92,73 @@ def _ranges(sizes: List[int]):
         start += n
 
 
-def _in(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+# -- the GEMM phases -------------------------------------------------------------------------------
+# Each phase (the forward's two GEMMs, backward's "dA and dW2" and "dW1 and dx") is cut into
+# one part per thread, each a run of consecutive sorted rows of (nearly) equal length; an
+# expert straddling a cut is split: its token rows for the products that produce rows,
+# its weight-gradient rows in the same proportion for dW = A^T B. Each part runs its GEMMs
+# single-threaded on its own thread: one hand-off per phase, instead of every small
+# per-expert GEMM being split across the threads (on a loaded machine each such split
+# waits for a descheduled thread). Every output element is still written by exactly one
+# GEMM, with the same cuts on every run: deterministic.
+
+_PARALLEL_MIN_FLOPS = 1 << 25  # a smaller phase runs as one part on the calling thread
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+Piece = Tuple[int, int, int, int, int]  # (expert, first row, end row, expert's first row, expert's end row)
+
+
+def _parts(ranges: List[Tuple[int, int, int]], flops: float) -> List[List[Piece]]:
+    """The rows of ``ranges`` cut into one part per thread (one part when small)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or flops < _PARALLEL_MIN_FLOPS or not ranges:
+        return [[(e, lo, hi, lo, hi) for e, lo, hi in ranges]]
+    total = ranges[-1][2]
+    bounds = [total * i // threads for i in range(threads + 1)]
+    parts: List[List[Piece]] = [[] for _ in range(threads)]
+    for e, lo, hi in ranges:
+        for p in range(threads):
+            a, b = max(lo, bounds[p]), min(hi, bounds[p + 1])
+            if a < b:
+                parts[p].append((e, a, b, lo, hi))
+    return [p for p in parts if p]
+
+
+def _share(piece: Piece, width: int) -> Tuple[int, int]:
+    """The rows ``[c0, c1)`` of an expert's ``[width, .]`` weight gradient that ``piece``
+    computes: the same share of ``width`` as its share of the expert's token rows."""
+    _, a, b, lo, hi = piece
+    n = hi - lo
+    return width * (a - lo) // n, width * (b - lo) // n
+
+
+def _single_threaded(fn: Callable[[List[Piece]], None], part: List[Piece], grad: bool) -> None:
+    torch.set_num_threads(1)  # this worker's own OpenMP setting; BLAS is already at 1
+    with torch.set_grad_enabled(grad):  # the caller's grad mode (thread-local)
+        fn(part)
+
+
+def _run(fn: Callable[[List[Piece]], None], parts: List[List[Piece]]) -> None:
+    """``fn(part)`` for every part: one part on the calling thread as it is, several on
+    as many threads with single-threaded BLAS (the thread count is restored after)."""
+    global _pool
+    if len(parts) == 1:
+        fn(parts[0])
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < len(parts) - 1:
+            _pool = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="blocksparse_moe-cpu")
+        pool = _pool
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [pool.submit(_single_threaded, fn, part, torch.is_grad_enabled()) for part in parts[1:]]
+        fn(parts[0])
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _activate(h: Tensor, ffn: int, glu: bool, code: int, out: Optional[Tensor] = None) -> Tensor:
@@ -130,15 +197,19 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
     if slots == 0:
         return x.new_zeros((tokens, hidden)), [h, order, counts]
     ranges = list(_ranges(counts.tolist()))
+    w1c, w2c, b1c, b2c = (None if t is None else t.to(cdt) for t in (w1, w2, b1, b2))  # once, not per thread
     # Rows of every expert, one after the other: x gathered once (converted before the
     # k-fold gather), each expert's GEMM writing its own row range in place.
     xs = x.to(cdt).index_select(0, order // k)
     hc = h if h.dtype == cdt else torch.empty((slots, width), dtype=cdt, device=dev)
-    for e, r0, r1 in ranges:
-        if b1 is None:
-            torch.mm(xs[r0:r1], w1[e].to(cdt).t(), out=hc[r0:r1])
-        else:
-            torch.addmm(b1[e].to(cdt), xs[r0:r1], w1[e].to(cdt).t(), out=hc[r0:r1])
+
+    def first(part: List[Piece]) -> None:
+        for e, r0, r1, _, _ in part:
+            if b1c is None:
+                torch.mm(xs[r0:r1], w1c[e].t(), out=hc[r0:r1])
+            else:
+                torch.addmm(b1c[e], xs[r0:r1], w1c[e].t(), out=hc[r0:r1])
+    _run(first, _parts(ranges, 2.0 * slots * hidden * width))
     del xs
     if hc is not h:
         h.copy_(hc)  # the kept pre-activation, rounded once
@@ -149,15 +220,17 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
         ws = weights.reshape(-1).to(cdt)[order]
         a.mul_(ws.unsqueeze(1))  # the routing weight, on the narrower side of the second GEMM
     y = torch.empty((slots, hidden), dtype=cdt, device=dev)
-    for e, r0, r1 in ranges:
-        w2e = w2[e].to(cdt)
-        if b2 is None:
-            torch.mm(a[r0:r1], w2e, out=y[r0:r1])
-        elif ws is None:
-            torch.addmm(b2[e].to(cdt), a[r0:r1], w2e, out=y[r0:r1])
-        else:
-            torch.mm(a[r0:r1], w2e, out=y[r0:r1])
-            y[r0:r1].addr_(ws[r0:r1], b2[e].to(cdt))  # the weighted bias
+
+    def second(part: List[Piece]) -> None:
+        for e, r0, r1, _, _ in part:
+            if b2c is None:
+                torch.mm(a[r0:r1], w2c[e], out=y[r0:r1])
+            elif ws is None:
+                torch.addmm(b2c[e], a[r0:r1], w2c[e], out=y[r0:r1])
+            else:
+                torch.mm(a[r0:r1], w2c[e], out=y[r0:r1])
+                y[r0:r1].addr_(ws[r0:r1], b2c[e])  # the weighted bias
+    _run(second, _parts(ranges, 2.0 * slots * hidden * ffn))
     del a
     return _slot_sum(y, order, tokens, k).to(x.dtype), [h, order, counts]
 
@@ -205,40 +278,50 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
         dweights = weights.new_zeros(weights.shape) if need_w else None
         return dx, dweights, dw1, dw2, db1, db2
     token = order // k
+    w1c, w2c, b2c = (None if t is None else t.to(cdt) for t in (w1, w2, b2))  # once, not per thread
     do = dout.to(cdt).index_select(0, token)  # [S, H]: dout of each sorted slot
     hc = h if h.dtype == cdt else h.to(cdt)
     g = hc[:, :ffn] if glu else hc
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
-
-    # dL/da (before the routing weight) = dout @ w2^T: the GEMM every other gradient needs.
-    da = torch.empty((slots, ffn), dtype=cdt, device=dev)
-    for e, r0, r1 in ranges:
-        torch.mm(do[r0:r1], w2[e].to(cdt).t(), out=da[r0:r1])
     act_g = _act_into(g, code, None)  # act(gate) (act(h) plain), recomputed from h
     a = torch.mul(act_g, hc[:, ffn:]) if glu else act_g
+    aw = None
+    if need_w2:
+        aw = a if ws is None else a * ws  # the routing weight goes with a into dW2
+
+    # Phase 1: dA = dout @ w2^T (dL/da before the routing weight: every other gradient
+    # needs it) and dW2 = (w a)^T dout.
+    da = torch.empty((slots, ffn), dtype=cdt, device=dev)
+
+    def phase1(part: List[Piece]) -> None:
+        for piece in part:
+            e, r0, r1, lo, hi = piece
+            torch.mm(do[r0:r1], w2c[e].t(), out=da[r0:r1])
+            if need_w2:
+                c0, c1 = _share(piece, ffn)
+                if c0 < c1:
+                    _mm_into(aw[lo:hi, c0:c1].t(), do[lo:hi], dw2[e, c0:c1])
+    _run(phase1, _parts(ranges, 2.0 * slots * hidden * ffn * (2 if need_w2 else 1)))
+    del aw
     dweights = None
     if need_w:
         # dweights = <dout, a @ w2 + b2> = <a, dout @ w2^T> + <dout, b2>: y is never needed.
         dws = torch.linalg.vecdot(a, da)
-        if b2 is not None:
+        if b2c is not None:
             for e, r0, r1 in ranges:
-                dws[r0:r1].add_(do[r0:r1] @ b2[e].to(cdt))
+                dws[r0:r1].add_(do[r0:r1] @ b2c[e])
         dweights = torch.empty(slots, dtype=weights.dtype, device=dev)
         dweights.index_copy_(0, order, dws.to(weights.dtype))
         dweights = dweights.view(weights.shape)
-    if ws is not None:
-        da.mul_(ws)
-    if need_w2 or need_b2:
-        aw = a if ws is None else a.mul_(ws)  # a (act(h) when plain) is not read again
+    del a
+    if need_b2:
         for e, r0, r1 in ranges:
-            if need_w2:
-                _mm_into(aw[r0:r1].t(), do[r0:r1], dw2[e])
-            if need_b2:
-                db2[e].copy_(do[r0:r1].sum(0) if ws is None else ws[r0:r1, 0] @ do[r0:r1])
-        del aw
-    del a, do
+            db2[e].copy_(do[r0:r1].sum(0) if ws is None else ws[r0:r1, 0] @ do[r0:r1])
+    del do
     dx = None
     if need_x or need_w1 or need_b1:
+        if ws is not None:
+            da.mul_(ws)
         dh = torch.empty((slots, width), dtype=cdt, device=dev)
         if glu:
             # d up = da * act(gate); d gate = (da * up) * act'(gate)
@@ -250,15 +333,22 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
         if need_b1:
             for e, r0, r1 in ranges:
                 db1[e].copy_(dh[r0:r1].sum(0))
-        if need_w1:
-            xs = x.to(cdt).index_select(0, token)
-            for e, r0, r1 in ranges:
-                _mm_into(dh[r0:r1].t(), xs[r0:r1], dw1[e])
-            del xs
+        xs = x.to(cdt).index_select(0, token) if need_w1 else None
+        dxs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_x else None
+
+        # Phase 2: dW1 = dh^T x and the rows of dx, dh @ w1.
+        def phase2(part: List[Piece]) -> None:
+            for piece in part:
+                e, r0, r1, lo, hi = piece
+                if need_w1:
+                    c0, c1 = _share(piece, width)
+                    if c0 < c1:
+                        _mm_into(dh[lo:hi, c0:c1].t(), xs[lo:hi], dw1[e, c0:c1])
+                if need_x:
+                    torch.mm(dh[r0:r1], w1c[e], out=dxs[r0:r1])
+        _run(phase2, _parts(ranges, 2.0 * slots * hidden * width * (int(need_w1) + int(need_x))))
+        del xs
         if need_x:
-            dxs = torch.empty((slots, hidden), dtype=cdt, device=dev)
-            for e, r0, r1 in ranges:
-                torch.mm(dh[r0:r1], w1[e].to(cdt), out=dxs[r0:r1])
             dx = _slot_sum(dxs, order, tokens, k).to(x.dtype)
     return dx, dweights, dw1, dw2, db1, db2
 
