@@ -190,6 +190,7 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
     width = w1.shape[1]
     ffn = width // 2 if glu else width
     cdt = _compute_dtype(x.dtype)
+    code = _ACT_CODE[act]
     dev = x.device
     order, counts = _sort_slots(expert_indices, num_experts)
     slots = order.numel()
@@ -198,29 +199,30 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
         return x.new_zeros((tokens, hidden)), [h, order, counts]
     ranges = list(_ranges(counts.tolist()))
     w1c, w2c, b1c, b2c = (None if t is None else t.to(cdt) for t in (w1, w2, b1, b2))  # once, not per thread
-    # Rows of every expert, one after the other: x gathered once (converted before the
-    # k-fold gather), each expert's GEMM writing its own row range in place.
-    xs = x.to(cdt).index_select(0, order // k)
-    hc = h if h.dtype == cdt else torch.empty((slots, width), dtype=cdt, device=dev)
+    xc = x.to(cdt)  # half inputs converted once, before the k-fold gather
+    token = order // k
+    ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
+    a = torch.empty((slots, ffn), dtype=cdt, device=dev)
 
+    # Phase 1, row by row: gather x, h = x w1^T (+ b1), keep h, a = act(g) * u * weight.
     def first(part: List[Piece]) -> None:
         for e, r0, r1, _, _ in part:
+            xs = xc.index_select(0, token[r0:r1])
+            he = h[r0:r1] if h.dtype == cdt else torch.empty((r1 - r0, width), dtype=cdt, device=dev)
             if b1c is None:
-                torch.mm(xs[r0:r1], w1c[e].t(), out=hc[r0:r1])
+                torch.mm(xs, w1c[e].t(), out=he)
             else:
-                torch.addmm(b1c[e], xs[r0:r1], w1c[e].t(), out=hc[r0:r1])
+                torch.addmm(b1c[e], xs, w1c[e].t(), out=he)
+            if h.dtype != cdt:
+                h[r0:r1].copy_(he)  # the kept pre-activation, rounded once
+            ae = _activate(he, ffn, glu, code, a[r0:r1])
+            if ws is not None:
+                ae.mul_(ws[r0:r1])  # the routing weight, on the narrower side of the second GEMM
     _run(first, _parts(ranges, 2.0 * slots * hidden * width))
-    del xs
-    if hc is not h:
-        h.copy_(hc)  # the kept pre-activation, rounded once
-    a = _activate(hc, ffn, glu, _ACT_CODE[act])
-    del hc
-    ws = None
-    if weights is not None:
-        ws = weights.reshape(-1).to(cdt)[order]
-        a.mul_(ws.unsqueeze(1))  # the routing weight, on the narrower side of the second GEMM
+    del xc
     y = torch.empty((slots, hidden), dtype=cdt, device=dev)
 
+    # Phase 2: y = (weight a) w2 (+ weight b2).
     def second(part: List[Piece]) -> None:
         for e, r0, r1, _, _ in part:
             if b2c is None:
@@ -229,7 +231,7 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
                 torch.addmm(b2c[e], a[r0:r1], w2c[e], out=y[r0:r1])
             else:
                 torch.mm(a[r0:r1], w2c[e], out=y[r0:r1])
-                y[r0:r1].addr_(ws[r0:r1], b2c[e])  # the weighted bias
+                y[r0:r1].addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
     _run(second, _parts(ranges, 2.0 * slots * hidden * ffn))
     del a
     return _slot_sum(y, order, tokens, k).to(x.dtype), [h, order, counts]
@@ -279,77 +281,83 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
         return dx, dweights, dw1, dw2, db1, db2
     token = order // k
     w1c, w2c, b2c = (None if t is None else t.to(cdt) for t in (w1, w2, b2))  # once, not per thread
-    do = dout.to(cdt).index_select(0, token)  # [S, H]: dout of each sorted slot
-    hc = h if h.dtype == cdt else h.to(cdt)
-    g = hc[:, :ffn] if glu else hc
+    doc = dout.to(cdt)  # any strides: only read through index_select
+    xc = x.to(cdt) if need_w1 else None
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
-    act_g = _act_into(g, code, None)  # act(gate) (act(h) plain), recomputed from h
-    a = torch.mul(act_g, hc[:, ffn:]) if glu else act_g
-    aw = None
-    if need_w2:
-        aw = a if ws is None else a * ws  # the routing weight goes with a into dW2
+    need_dh = need_x or need_w1 or need_b1
+    do = torch.empty((slots, hidden), dtype=cdt, device=dev)  # dout of each sorted slot
+    xs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_w1 else None
+    aw = torch.empty((slots, ffn), dtype=cdt, device=dev) if need_w2 else None  # weight * a
+    dh = torch.empty((slots, width), dtype=cdt, device=dev) if need_dh else None
+    dws = torch.empty((slots,), dtype=cdt, device=dev) if need_w else None
 
-    # Phase 1: dA = dout @ w2^T (dL/da before the routing weight: every other gradient
-    # needs it) and dW2 = (w a)^T dout.
-    da = torch.empty((slots, ffn), dtype=cdt, device=dev)
+    # Phase 1, row by row: gather dout (and x), dA = dout w2^T (dL/da before the routing
+    # weight), a recomputed from h, dweights = <dout, a w2 + b2> = <a, dA> + <dout, b2>
+    # (y is never needed), weight * a for dW2, and dh = [act'(g) u wdA | act(g) wdA].
+    def first(part: List[Piece]) -> None:
+        for e, r0, r1, _, _ in part:
+            tok = token[r0:r1]
+            dop = torch.index_select(doc, 0, tok, out=do[r0:r1])
+            if need_w1:
+                torch.index_select(xc, 0, tok, out=xs[r0:r1])
+            he = h[r0:r1] if h.dtype == cdt else h[r0:r1].to(cdt)
+            g = he[:, :ffn] if glu else he
+            da = torch.mm(dop, w2c[e].t())
+            act_g = _act_into(g, code, None)
+            ae = act_g
+            if glu:
+                ae = torch.mul(act_g, he[:, ffn:], out=aw[r0:r1]) if need_w2 else act_g * he[:, ffn:]
+            elif need_w2:
+                ae = aw[r0:r1].copy_(act_g)
+            if need_w:
+                torch.linalg.vecdot(ae, da, out=dws[r0:r1])
+                if b2c is not None:
+                    dws[r0:r1].add_(dop @ b2c[e])
+            wse = None if ws is None else ws[r0:r1]
+            if need_w2 and wse is not None:
+                ae.mul_(wse)
+            if need_dh:
+                if wse is not None:
+                    da.mul_(wse)
+                if glu:
+                    torch.mul(da, act_g, out=dh[r0:r1, ffn:])  # d up = wdA act(g)
+                    da.mul_(he[:, ffn:])
+                _act_backward_into(da, g, code, dh[r0:r1, :ffn] if glu else dh[r0:r1])  # d gate
+    _run(first, _parts(ranges, 2.0 * slots * hidden * ffn))
+    del xc, doc
 
-    def phase1(part: List[Piece]) -> None:
+    dweights = None
+    if need_w:
+        dweights = torch.empty(slots, dtype=weights.dtype, device=dev)
+        dweights.index_copy_(0, order, dws.to(weights.dtype))
+        dweights = dweights.view(weights.shape)
+    dxs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_x else None
+
+    # Phase 2: dW2 = (w a)^T dout, db2 = w^T dout, dW1 = dh^T x, db1 = sum dh, dx rows = dh w1.
+    # The weight gradients of an expert split between parts are split by their rows.
+    def second(part: List[Piece]) -> None:
         for piece in part:
             e, r0, r1, lo, hi = piece
-            torch.mm(do[r0:r1], w2c[e].t(), out=da[r0:r1])
             if need_w2:
                 c0, c1 = _share(piece, ffn)
                 if c0 < c1:
                     _mm_into(aw[lo:hi, c0:c1].t(), do[lo:hi], dw2[e, c0:c1])
-    _run(phase1, _parts(ranges, 2.0 * slots * hidden * ffn * (2 if need_w2 else 1)))
-    del aw
-    dweights = None
-    if need_w:
-        # dweights = <dout, a @ w2 + b2> = <a, dout @ w2^T> + <dout, b2>: y is never needed.
-        dws = torch.linalg.vecdot(a, da)
-        if b2c is not None:
-            for e, r0, r1 in ranges:
-                dws[r0:r1].add_(do[r0:r1] @ b2c[e])
-        dweights = torch.empty(slots, dtype=weights.dtype, device=dev)
-        dweights.index_copy_(0, order, dws.to(weights.dtype))
-        dweights = dweights.view(weights.shape)
-    del a
-    if need_b2:
-        for e, r0, r1 in ranges:
-            db2[e].copy_(do[r0:r1].sum(0) if ws is None else ws[r0:r1, 0] @ do[r0:r1])
-    del do
-    dx = None
-    if need_x or need_w1 or need_b1:
-        if ws is not None:
-            da.mul_(ws)
-        dh = torch.empty((slots, width), dtype=cdt, device=dev)
-        if glu:
-            # d up = da * act(gate); d gate = (da * up) * act'(gate)
-            torch.mul(da, act_g, out=dh[:, ffn:])
-            da.mul_(hc[:, ffn:])
-        del act_g
-        _act_backward_into(da, g, code, dh[:, :ffn] if glu else dh)
-        del da
-        if need_b1:
-            for e, r0, r1 in ranges:
-                db1[e].copy_(dh[r0:r1].sum(0))
-        xs = x.to(cdt).index_select(0, token) if need_w1 else None
-        dxs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_x else None
-
-        # Phase 2: dW1 = dh^T x and the rows of dx, dh @ w1.
-        def phase2(part: List[Piece]) -> None:
-            for piece in part:
-                e, r0, r1, lo, hi = piece
-                if need_w1:
-                    c0, c1 = _share(piece, width)
-                    if c0 < c1:
-                        _mm_into(dh[lo:hi, c0:c1].t(), xs[lo:hi], dw1[e, c0:c1])
-                if need_x:
-                    torch.mm(dh[r0:r1], w1c[e], out=dxs[r0:r1])
-        _run(phase2, _parts(ranges, 2.0 * slots * hidden * width * (int(need_w1) + int(need_x))))
-        del xs
-        if need_x:
-            dx = _slot_sum(dxs, order, tokens, k).to(x.dtype)
+            if need_b2:
+                c0, c1 = _share(piece, hidden)
+                if c0 < c1:
+                    db2[e, c0:c1].copy_(do[lo:hi, c0:c1].sum(0) if ws is None else ws[lo:hi, 0] @ do[lo:hi, c0:c1])
+            if need_w1 or need_b1:
+                c0, c1 = _share(piece, width)
+                if c0 < c1 and need_w1:
+                    _mm_into(dh[lo:hi, c0:c1].t(), xs[lo:hi], dw1[e, c0:c1])
+                if c0 < c1 and need_b1:
+                    db1[e, c0:c1].copy_(dh[lo:hi, c0:c1].sum(0))
+            if need_x:
+                torch.mm(dh[r0:r1], w1c[e], out=dxs[r0:r1])
+    if need_w2 or need_b2 or need_dh:
+        _run(second, _parts(ranges, 2.0 * slots * hidden * (ffn * need_w2 + width * (need_w1 + need_x))))
+    del aw, xs, do
+    dx = None if dxs is None else _slot_sum(dxs, order, tokens, k).to(x.dtype)
     return dx, dweights, dw1, dw2, db1, db2
 
 
