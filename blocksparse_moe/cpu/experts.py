@@ -168,13 +168,10 @@ def _activate(h: Tensor, ffn: int, glu: bool, code: int, out: Optional[Tensor] =
     return a.mul_(h[:, ffn:]) if glu else a
 
 
-def _slot_sum(rows: Tensor, order: Tensor, tokens: int, k: int) -> Tensor:
-    """``out[t] = sum_j rows[i(t*k + j)]`` for rows in sorted order (``order[i] = slot``): the
-    ``k`` rows of a token gathered next to each other and summed in slot order ``j = 0..k-1``
-    (``sum`` over a fixed dimension: deterministic)."""
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=order.device)
-    return rows.index_select(0, inv).view(tokens, k, rows.shape[1]).sum(1)
+def _slot_sum(rows: Tensor, tokens: int, k: int) -> Tensor:
+    """``out[t] = sum_j rows[t*k + j]`` for rows in slot order: the ``k`` rows of a token
+    summed in slot order ``j = 0..k-1`` (``sum`` over a fixed dimension: deterministic)."""
+    return rows.view(tokens, k, rows.shape[1]).sum(1)
 
 
 def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w2: Tensor,
@@ -220,21 +217,21 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
                 ae.mul_(ws[r0:r1])  # the routing weight, on the narrower side of the second GEMM
     _run(first, _parts(ranges, 2.0 * slots * hidden * width))
     del xc
-    y = torch.empty((slots, hidden), dtype=cdt, device=dev)
+    y = torch.empty((slots, hidden), dtype=cdt, device=dev)  # in slot order: row t*k + j
 
-    # Phase 2: y = (weight a) w2 (+ weight b2).
+    # Phase 2: y = (weight a) w2 (+ weight b2), each piece's rows put back in slot order.
     def second(part: List[Piece]) -> None:
         for e, r0, r1, _, _ in part:
             if b2c is None:
-                torch.mm(a[r0:r1], w2c[e], out=y[r0:r1])
+                ye = torch.mm(a[r0:r1], w2c[e])
             elif ws is None:
-                torch.addmm(b2c[e], a[r0:r1], w2c[e], out=y[r0:r1])
+                ye = torch.addmm(b2c[e], a[r0:r1], w2c[e])
             else:
-                torch.mm(a[r0:r1], w2c[e], out=y[r0:r1])
-                y[r0:r1].addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
+                ye = torch.mm(a[r0:r1], w2c[e]).addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
+            y.index_copy_(0, order[r0:r1], ye)
     _run(second, _parts(ranges, 2.0 * slots * hidden * ffn))
     del a
-    return _slot_sum(y, order, tokens, k).to(x.dtype), [h, order, counts]
+    return _slot_sum(y, tokens, k).to(x.dtype), [h, order, counts]
 
 
 def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indices: Tensor,
@@ -285,21 +282,16 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
     xc = x.to(cdt) if need_w1 else None
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
     need_dh = need_x or need_w1 or need_b1
-    do = torch.empty((slots, hidden), dtype=cdt, device=dev)  # dout of each sorted slot
-    xs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_w1 else None
     aw = torch.empty((slots, ffn), dtype=cdt, device=dev) if need_w2 else None  # weight * a
     dh = torch.empty((slots, width), dtype=cdt, device=dev) if need_dh else None
     dws = torch.empty((slots,), dtype=cdt, device=dev) if need_w else None
 
-    # Phase 1, row by row: gather dout (and x), dA = dout w2^T (dL/da before the routing
+    # Phase 1, row by row: gather dout, dA = dout w2^T (dL/da before the routing
     # weight), a recomputed from h, dweights = <dout, a w2 + b2> = <a, dA> + <dout, b2>
     # (y is never needed), weight * a for dW2, and dh = [act'(g) u wdA | act(g) wdA].
     def first(part: List[Piece]) -> None:
         for e, r0, r1, _, _ in part:
-            tok = token[r0:r1]
-            dop = torch.index_select(doc, 0, tok, out=do[r0:r1])
-            if need_w1:
-                torch.index_select(xc, 0, tok, out=xs[r0:r1])
+            dop = doc.index_select(0, token[r0:r1])
             he = h[r0:r1] if h.dtype == cdt else h[r0:r1].to(cdt)
             g = he[:, :ffn] if glu else he
             da = torch.mm(dop, w2c[e].t())
@@ -324,40 +316,45 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
                     da.mul_(he[:, ffn:])
                 _act_backward_into(da, g, code, dh[r0:r1, :ffn] if glu else dh[r0:r1])  # d gate
     _run(first, _parts(ranges, 2.0 * slots * hidden * ffn))
-    del xc, doc
 
     dweights = None
     if need_w:
         dweights = torch.empty(slots, dtype=weights.dtype, device=dev)
         dweights.index_copy_(0, order, dws.to(weights.dtype))
         dweights = dweights.view(weights.shape)
-    dxs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_x else None
+    dxs = torch.empty((slots, hidden), dtype=cdt, device=dev) if need_x else None  # in slot order
 
     # Phase 2: dW2 = (w a)^T dout, db2 = w^T dout, dW1 = dh^T x, db1 = sum dh, dx rows = dh w1.
-    # The weight gradients of an expert split between parts are split by their rows.
+    # The weight gradients of an expert split between parts are split by their rows. dout
+    # and x rows are gathered again per expert (a small buffer in cache, where [S, H] ones
+    # would be fresh memory: page faults cost more than the second gather).
     def second(part: List[Piece]) -> None:
         for piece in part:
             e, r0, r1, lo, hi = piece
+            if need_w2 or need_b2:
+                do = doc.index_select(0, token[lo:hi])
+            if need_w1:
+                xs = xc.index_select(0, token[lo:hi])
             if need_w2:
                 c0, c1 = _share(piece, ffn)
                 if c0 < c1:
-                    _mm_into(aw[lo:hi, c0:c1].t(), do[lo:hi], dw2[e, c0:c1])
+                    _mm_into(aw[lo:hi, c0:c1].t(), do, dw2[e, c0:c1])
             if need_b2:
                 c0, c1 = _share(piece, hidden)
                 if c0 < c1:
-                    db2[e, c0:c1].copy_(do[lo:hi, c0:c1].sum(0) if ws is None else ws[lo:hi, 0] @ do[lo:hi, c0:c1])
+                    db2[e, c0:c1].copy_(do[:, c0:c1].sum(0) if ws is None else ws[lo:hi, 0] @ do[:, c0:c1])
             if need_w1 or need_b1:
                 c0, c1 = _share(piece, width)
                 if c0 < c1 and need_w1:
-                    _mm_into(dh[lo:hi, c0:c1].t(), xs[lo:hi], dw1[e, c0:c1])
+                    _mm_into(dh[lo:hi, c0:c1].t(), xs, dw1[e, c0:c1])
                 if c0 < c1 and need_b1:
                     db1[e, c0:c1].copy_(dh[lo:hi, c0:c1].sum(0))
             if need_x:
-                torch.mm(dh[r0:r1], w1c[e], out=dxs[r0:r1])
+                dxs.index_copy_(0, order[r0:r1], torch.mm(dh[r0:r1], w1c[e]))  # back in slot order
     if need_w2 or need_b2 or need_dh:
         _run(second, _parts(ranges, 2.0 * slots * hidden * (ffn * need_w2 + width * (need_w1 + need_x))))
-    del aw, xs, do
-    dx = None if dxs is None else _slot_sum(dxs, order, tokens, k).to(x.dtype)
+    del aw, dh
+    dx = None if dxs is None else _slot_sum(dxs, tokens, k).to(x.dtype)
     return dx, dweights, dw1, dw2, db1, db2
 
 
