@@ -67,6 +67,15 @@ def _plot(path: str, rows: List[Dict], *, value: str, label: str, group: str, se
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'blocksparse_moe[bench]')")
         return False
+    def finite(r):
+        v = r.get(value)
+        return isinstance(v, (int, float)) and math.isfinite(v)
+    rows = [r for r in rows if finite(r)]  # skipped peers: in the table, not in the plot
+    if not rows:
+        return False
+    scale = 1.0
+    if "TFLOP/s" in label and max(r[value] for r in rows) < 1.0:  # CPUs: GFLOP/s reads better
+        scale, label = 1e3, label.replace("TFLOP/s", "GFLOP/s")
     groups = list(dict.fromkeys(str(r[group]) for r in rows))
     names = list(dict.fromkeys(str(r[series]) for r in rows))
     width = 0.8 / max(len(names), 1)
@@ -77,7 +86,7 @@ def _plot(path: str, rows: List[Dict], *, value: str, label: str, group: str, se
             v = next((r.get(value) for r in rows if str(r[group]) == g and str(r[series]) == n), None)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 xs.append(j + (i - (len(names) - 1) / 2) * width)
-                ys.append(v)
+                ys.append(v * scale)
         ax.bar(xs, ys, width, label=n)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8)

@@ -418,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 threads=torch.get_num_threads(), load_start=load_start,
                 load_end=", ".join(f"{v:.1f}" for v in os.getloadavg()))
     plot = dict(value="step_tflops", label="forward+backward useful TFLOP/s", group="shape", series="impl",
-                title=f"experts fwd+bwd, {dt}: {meta['machine']}")
+                title=f"experts fwd+bwd, {dt}: {meta['machine']} (load average {load_start.split(',')[0]})")
     write_results(args.out_dir, f"layer-{label}-{dt}", meta, rows, _markdown(rows, meta), plot=plot)
     return 0
 
