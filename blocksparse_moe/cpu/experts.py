@@ -11,31 +11,33 @@ every argument first and owns autograd; nothing here re-validates user arguments
 The block-sparse layout is the GPU's. A CPU runs one GEMM per expert on a contiguous range
 of rows best, so the ``S = T*k`` slots are sorted by expert once (a stable sort: slot
 ``s = t*k + j`` keeps its place among its expert's slots) and the sizes read on the host
-(``counts.tolist()``: free on a CPU, where there is no queue to stall). Each expert's rows
-then go through all of its work back to back while they are in cache:
+(``counts.tolist()``: free on a CPU, where there is no queue to stall). The work then runs
+in phases, each cut into one part per thread (see "the GEMM phases" below), and every
+elementwise step runs inside them on the rows of one expert at a time:
 
-    forward   gather x rows -> addmm (+b1) -> act, GLU, routing weight -> mm (+b2)
-              -> index_add into out                                          2 GEMMs
-    backward  gather dout rows -> dA = dout @ w2^T -> recompute a from h -> dweights,
-              dw2 = (w a)^T dout, db2 -> dh = act'(h) (.) w dA -> dw1 = dh^T x, db1
-              -> dx rows = dh @ w1 -> index_add into dx                      4 GEMMs
+    forward   1: gather x rows, h = x w1^T (+b1) (kept), a = act(g) * u * weight
+              2: y = a w2 (+ weight b2), rows put back in slot order; out = sum over k
+    backward  1: gather dout rows, dA = dout w2^T, a recomputed from h, dweights,
+                 weight * a, dh = [act'(g) u wdA | act(g) wdA]
+              2: dW2 = (w a)^T dout, db2, dW1 = dh^T x, db1, dx rows = dh w1 (slot order);
+                 dx = sum over k
 
 That is the GEMMs of a dense MLP (6 + 12 units of ``T*k*H*F`` FLOPs for a GLU) and nothing
 more: ``dweights[t, j] = <dout[t], y_tj>`` is computed as ``<a_tj, dout[t] @ w2^T> +
 <dout[t], b2>`` from products backward needs anyway, so the expert outputs ``y`` are
-neither kept nor recomputed. Every elementwise pass runs on one expert's rows while they
-are in cache, fused where ATen has the kernel (``silu``/``gelu`` and their backward, in
-place, into ``out=`` slices). Kept for backward: the pre-activation ``h`` in sorted order
-(in x's dtype, the floor of DESIGN.md), the sort permutation and the expert sizes; ``a``
-is recomputed from ``h``.
+neither kept nor recomputed. Elementwise work is fused where ATen has the kernel
+(``silu``/``gelu`` and their backward, in place, into ``out=`` slices). Kept for backward:
+the pre-activation ``h`` in sorted order (in x's dtype, the floor of DESIGN.md), the sort
+permutation and the expert sizes; ``a`` is recomputed from ``h``. No ``[S, H]`` buffer is
+made that is not needed: on Linux a fresh buffer that large is new pages (faults on first
+touch), which costs more than gathering rows a second time into a small one.
 
 Precision: the GEMMs and every elementwise step run in fp32 (fp64 for fp64): fp16/bf16
-operands are converted one expert at a time (on CPUs without fp16/bf16 hardware, torch's
-half GEMM is ~100x slower than MKL's sgemm; with it, a half GEMM would round each expert's
-output before the weighted sum: a second rounding). Stored results are rounded once: ``h``
-(kept), ``out``, and each gradient. The ``k`` slots of a token are summed in fp32 in a
-fixed order (by expert, then by slot: ``index_add_`` on CPU adds sequentially), no atomics:
-two runs are bitwise equal.
+weights are converted once per call (on CPUs without fp16/bf16 hardware, torch's half GEMM
+is ~100x slower than MKL's sgemm; with it, a half GEMM would round each expert's output
+before the weighted sum: a second rounding). Stored results are rounded once: ``h``
+(kept), ``out``, and each gradient. The ``k`` slots of a token are summed in fp32 in slot
+order ``j = 0..k-1``, no atomics: two runs are bitwise equal.
 """
 
 from __future__ import annotations
