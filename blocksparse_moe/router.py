@@ -61,7 +61,9 @@ def check_float(owner: str, name: str, value, *, low: float = -math.inf, high: f
     if not math.isfinite(v) or below or above:
         lo = "-inf" if low == -math.inf else f"{low:g}"
         hi = "inf" if high == math.inf else f"{high:g}"
-        span = f"{'(' if low_open or low == -math.inf else '['}{lo}, {hi}{')' if high_open or high == math.inf else ']'}"
+        opening = "(" if low_open or low == -math.inf else "["
+        closing = ")" if high_open or high == math.inf else "]"
+        span = f"{opening}{lo}, {hi}{closing}"
         raise ValueError(f"{owner}: {name} must be a finite number in {span}, got {value!r}")
     return v
 
