@@ -231,6 +231,7 @@ setup(
     # torch: any version (the extension does not link it). Install the wanted torch first,
     # e.g. `pip install torch==2.13.0`, or pip may pick a large CUDA build.
     install_requires=["torch", "triton; platform_system == 'Linux'", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"], "transformers": ["transformers"]},
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib"], "bench": ["matplotlib"],
+                    "transformers": ["transformers"]},
     zip_safe=False,
 )

@@ -43,8 +43,11 @@ try:  # the installed package (with its built _C) if there is one, else this che
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_name, write_results  # noqa: E402
+
 from blocksparse_moe import backend, ops
-from blocksparse_moe._layer_bench import LayerShape, device_label, time_ms, write_results
+from blocksparse_moe.__main__ import LayerShape, device_label, time_ms
 from blocksparse_moe.topology import make_topology
 
 
@@ -243,7 +246,9 @@ def _run(args, device, dtype, shapes, label, triton_version) -> int:
         for shape in shapes:
             rows += bench_shape(shape, dtype, device)
 
-    write_results(args.out_dir, f"kernels-{label}", meta, rows, _markdown(rows, meta))
+    plot = dict(value="useful_tflops", label="useful TFLOP/s", group="op", series="name",
+                title=f"blocksparse_moe products, {meta['dtype']}: {machine_name(device)}")
+    write_results(args.out_dir, f"kernels-{label}", meta, rows, _markdown(rows, meta), plot=plot)
     return 0
 
 

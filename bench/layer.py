@@ -1,145 +1,362 @@
-"""Layer-level benchmark: DroplessMoE forward and forward+backward against baselines.
+"""Expert-path benchmark: every token's k expert MLPs, forward and forward+backward, against
+what users would otherwise pick, in the same run on the same weights, routing and inputs.
 
-Shapes: those of ``python -m blocksparse_moe`` (Mixtral-8x7B, Qwen3-MoE-30B-A3B, a
-DeepSeek-like layer; full size on a GPU, scaled down on a CPU). Implementations, measured
-in the same run on the same weights and inputs:
+    blocksparse_moe        the package's expert path (``expert_path`` below: the one adapter)
+    hf-grouped_mm          transformers' "grouped_mm" experts implementation (torch._grouped_mm)
+    hf-batched_mm          transformers' "batched_mm" (gathers a weight matrix per slot: skipped,
+                           with the memory it would need, when that does not fit)
+    hf-eager (loop)        transformers' own per-expert loop (MixtralExperts.forward)
+    dense ceiling          T*k rows through ONE H->2F->H GLU MLP, plain torch autograd: the same
+                           useful FLOPs with no routing at all
+    torch._grouped_mm      (GPU) a minimal sort -> grouped_mm -> GLU -> grouped_mm -> unsort
+    liger / megablocks / scattermoe   (GPU) when installed; otherwise a row that says why
 
-    blocksparse   blocksparse_moe.DroplessMoE (router + routing + block-sparse products)
-    loop          the per-expert torch loop of ``reference.moe_reference`` in the layer's
-                  dtype (what Hugging Face's eager experts do: mask, gather, two matmuls,
-                  index_add per expert)
-    megablocks    megablocks.layers.dmoe.dMoE (sparse GLU/MLP), when it imports (GPU)
-    scattermoe    scattermoe.mlp.GLUMLP / MLP, when it imports (GPU)
+Experts only: the router is not timed (its top-k ids and fp32 weights are inputs). Weights
+are a transformers ``MixtralExperts`` module's (``gate_up_proj [E, 2F, H]``, ``down_proj
+[E, H, F]``); blocksparse_moe reads the same tensors in place (``w2 = down_proj^T`` view).
 
-Useful TFLOP/s: GLU ``6*T*k*H*F`` forward / ``18*T*k*H*F`` forward+backward, plain MLP
-``4`` / ``12`` (plus the shared expert's, padding not counted). GPU: ``triton.testing.do_bench``
-medians; CPU: the torch CPU path (never the interpreter), medians of wall-clock runs.
+Per shape and implementation: medians of forward and forward+backward (warm-up excluded;
+CUDA: ``triton.testing.do_bench``), useful TFLOP/s (GLU ``18*T*k*H*F`` per forward+backward,
+padding not counted), the ratios against transformers' grouped_mm and the dense ceiling,
+and the costs of one step (``blocksparse_moe.costs.measure_step``): bytes kept for backward
+per token (x and weights excluded), host syncs, fresh bytes; on a GPU the peak memory.
 
-Writes ``layer-<device>.json`` and ``.md`` under ``--out-dir`` (default bench/results).
+An fp16/bf16 implementation whose step would take longer than ``--budget`` seconds (half
+GEMMs on a CPU without half-precision hardware run ~100x slower than fp32) is timed on an
+eighth of the tokens and its time scaled to the full batch (GEMM time is linear in the
+tokens); its status says so.
 
-    python bench/layer.py [--quick] [--dtype bf16] [--shapes NAME ...] [--out-dir DIR]
+Writes ``layer-<device>[-<dtype>].json``, ``.md`` and ``.png`` under ``--out-dir`` (bench/results).
+
+    python bench/layer.py [--quick] [--dtype bf16] [--shapes mixtral ...] [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 try:  # the installed package (with its built _C) if there is one, else this checkout
     import blocksparse_moe  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from blocksparse_moe import backend, reference
-from blocksparse_moe._layer_bench import (CPU_SHAPES, GPU_SHAPES, LayerShape, build_layer,
-                                          device_label, scaled, time_layer, write_results)
-from blocksparse_moe.moe import DroplessMoE
+from common import check_out_dir, machine_name, write_results  # noqa: E402
+
+from blocksparse_moe import backend  # noqa: E402
+from blocksparse_moe.__main__ import (LayerShape, check_device, device_label, peak_memory,  # noqa: E402
+                                      synchronize, time_ms)
+from blocksparse_moe.costs import measure_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# The issue's two CPU shapes (Mixtral-style and fine-grained); full-size layers on a GPU.
+CPU_SHAPES = [
+    LayerShape("mixtral", 2048, 1024, 1024, 8, 2, 128),
+    LayerShape("fine-grained", 2048, 1024, 256, 64, 8, 64),
+]
+GPU_SHAPES = [
+    LayerShape("mixtral-8x7b", 8192, 4096, 14336, 8, 2, 128),
+    LayerShape("qwen3-moe-30b-a3b", 8192, 2048, 768, 128, 8, 64),
+]
 
-# -- implementations: each returns forward(x) -> out, or raises to say it is unavailable ------
 
-def _blocksparse(layer: DroplessMoE, shape: LayerShape) -> Callable:
-    return lambda x: layer(x)[0]
+# -- THE call timed for blocksparse_moe ---------------------------------------------------------
+
+class _CPUExperts(torch.autograd.Function):
+    """Bench-local stand-in for the ops layer's expert path on CPU tensors: the protocol's
+    CPU back end (``blocksparse_moe/cpu/experts.py``) with autograd, nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, expert_indices, weights, w1, w2, cfg):
+        from blocksparse_moe.cpu import experts
+
+        out, saved = experts.experts_forward(x, expert_indices, weights, w1, w2, None, None, **cfg)
+        ctx.save_for_backward(x, expert_indices, weights, w1, w2, *saved)
+        ctx.cfg = cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from blocksparse_moe.cpu import experts
+
+        x, expert_indices, weights, w1, w2, *saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        dx, dweights, dw1, dw2, _, _ = experts.experts_backward(
+            dout, saved, x, expert_indices, weights, w1, w2, None, None, **ctx.cfg,
+            needs_input_grad=(n[0], n[2], n[3], n[4], False, False))
+        return dx, None, dweights, dw1, dw2, None
 
 
-def _loop(layer: DroplessMoE, shape: LayerShape) -> Callable:
-    weights = layer.reference_weights()  # views of the layer's parameters (same dtype)
+def expert_path(x: torch.Tensor, expert_indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, *, block_size: int, act: str = "silu", glu: bool = True) -> torch.Tensor:
+    """blocksparse_moe's expert path, the only place this script calls the package for it.
 
-    def forward(x):
-        return reference.moe_reference(x, **weights)["out"]
+    Until the ops layer's public fused ``expert_mlp(x, expert_indices, ...)`` is merged: on
+    CPU tensors the protocol's CPU back end through a bench-local autograd Function, on
+    CUDA the public ``expert_mlp`` over ``route()`` (the block-sparse products).
+    """
+    if x.device.type == "cpu":
+        cfg = dict(num_experts=w1.shape[0], act=act, glu=glu, block_size=block_size)
+        return _CPUExperts.apply(x, expert_indices, weights, w1, w2, cfg)
+    from blocksparse_moe import expert_mlp, route
+
+    routing = route(expert_indices, w1.shape[0], block_size, ffn_hidden_size=w2.shape[1] * (2 if glu else 1))
+    return expert_mlp(x, routing, weights, w1, w2, activation=act, glu=glu)
+
+
+# -- one case: the same module, routing and inputs for every implementation ---------------------
+
+class Case:
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        g = torch.Generator().manual_seed(seed)
+        t, h, f, e, k = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.top_k
+        self.shape, self.dtype, self.device = shape, dtype, device
+        config = MixtralConfig(hidden_size=h, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k,
+                               hidden_act="silu")
+        self.module = MixtralExperts(config)
+        with torch.no_grad():
+            self.module.gate_up_proj.copy_(torch.randn(e, 2 * f, h, generator=g) / math.sqrt(h))
+            self.module.down_proj.copy_(torch.randn(e, h, f, generator=g) / math.sqrt(f))
+        self.module.to(device, dtype)
+        self.x = torch.randn(t, h, generator=g).to(device, dtype)
+        # k distinct experts per token, uniformly at random (a router's top-k of random
+        # logits), and softmax weights over them in float32 (what routers return).
+        self.expert_indices = torch.rand(t, e, generator=g).topk(k, dim=-1).indices.to(device)
+        self.weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(device)
+        self.gout = torch.randn(t, h, generator=g).to(device, dtype)
+
+    @property
+    def params(self) -> List[torch.Tensor]:
+        return list(self.module.parameters())
+
+    def smaller(self, tokens: int) -> "Case":
+        return Case(replace(self.shape, tokens=tokens), self.dtype, self.device)
+
+
+def _hf(name: str) -> Callable[[Case], Callable]:
+    def make(case: Case) -> Callable:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if name == "batched_mm":
+            s, f, h = case.shape.tokens * case.shape.top_k, case.shape.ffn, case.shape.hidden
+            need = 3 * s * f * h * case.x.element_size() * 2  # gathered weights, and their gradients
+            have = _memory_bytes(case.device)
+            if need > 0.5 * have:
+                raise MemoryError(f"needs ~{need / 2**30:.0f} GiB for per-slot weight copies, "
+                                  f"{have / 2**30:.0f} GiB here")
+        fn = ALL_EXPERTS_FUNCTIONS[name] if name != "eager" else type(case.module).forward.__wrapped__
+        return lambda x, w: fn(case.module, x, case.expert_indices, w)
+    return make
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _blocksparse(case: Case) -> Callable:
+    w1 = case.module.gate_up_proj
+    w2 = case.module.down_proj.transpose(1, 2)  # [E, F, H], a view: read in place
+    return lambda x, w: expert_path(x, case.expert_indices, w, w1, w2, block_size=case.shape.block_size)
+
+
+def _dense(case: Case) -> Callable:
+    """The ceiling: T*k rows (each token repeated k times, not timed) through one GLU MLP."""
+    g = torch.Generator().manual_seed(1)
+    s = case.shape
+    w1 = torch.nn.Parameter((torch.randn(2 * s.ffn, s.hidden, generator=g) / math.sqrt(s.hidden)).to(
+        case.device, case.dtype))
+    w2 = torch.nn.Parameter((torch.randn(s.hidden, s.ffn, generator=g) / math.sqrt(s.ffn)).to(
+        case.device, case.dtype))
+    rows = case.x.repeat_interleave(s.top_k, 0)
+    case.dense_params = [w1, w2]
+
+    def forward(x, w):
+        h = F.linear(rows if x is case.x else rows.detach().requires_grad_(x.requires_grad), w1)
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+    forward.gout = torch.randn(rows.shape, generator=g).to(case.device, case.dtype)
     return forward
 
 
-def _megablocks(layer: DroplessMoE, shape: LayerShape) -> Callable:
-    import torch.nn.functional as F
-    from megablocks.layers.arguments import Arguments
-    from megablocks.layers.dmoe import dMoE
+def _torch_grouped_mm(case: Case) -> Callable:
+    if case.device.type != "cuda":
+        raise RuntimeError("needs CUDA (on CPU, transformers' grouped_mm row is this)")
+    s = case.shape
+    w1 = case.module.gate_up_proj.transpose(1, 2)  # [E, H, 2F]
+    w2 = case.module.down_proj.transpose(1, 2)  # [E, F, H]
 
-    if shape.shared or layer.router.score != "softmax" or layer.activation != "silu":
-        raise RuntimeError("only softmax routing, silu and no shared expert are mapped")
-    dtype = layer.w1.dtype
-    args = Arguments(hidden_size=shape.hidden, ffn_hidden_size=shape.ffn, moe_num_experts=shape.experts,
-                     moe_top_k=shape.top_k, mlp_type="glu" if shape.glu else "mlp", mlp_impl="sparse",
-                     activation_fn=F.silu, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                     device=layer.w1.device, moe_normalize_expert_weights=1 if layer.router.renormalize else None,
-                     return_bias=False)
-    moe = dMoE(args)
-
-    def forward(x):
-        return moe(x.unsqueeze(1)).squeeze(1)
-    forward.module = moe  # so the timer frees its gradients
+    def forward(x, w):
+        ids = case.expert_indices.reshape(-1)
+        order = torch.argsort(ids, stable=True)
+        offs = torch.cumsum(torch.bincount(ids, minlength=s.experts), 0).to(torch.int32)
+        h = torch._grouped_mm(x[order // s.top_k], w1, offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, w2, offs=offs) * w.reshape(-1)[order, None].to(x.dtype)
+        out = torch.empty_like(y).index_copy_(0, order, y)
+        return out.view(s.tokens, s.top_k, -1).sum(1)
     return forward
 
 
-def _scattermoe(layer: DroplessMoE, shape: LayerShape) -> Callable:
-    from scattermoe.mlp import MLP, GLUMLP
+def _gpu_peer(module: str) -> Callable[[Case], Callable]:
+    def make(case: Case) -> Callable:
+        import importlib
 
-    if shape.shared:
-        raise RuntimeError("no shared expert mapping")
-    cls = GLUMLP if shape.glu else MLP
-    mlp = cls(input_size=shape.hidden, hidden_size=shape.ffn, num_experts=shape.experts, top_k=shape.top_k,
-              activation=torch.nn.SiLU()).to(layer.w1.device, layer.w1.dtype)
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise RuntimeError(f"not installed ({module})") from None
+        if case.device.type != "cuda":
+            raise RuntimeError("needs CUDA")
+        if module == "scattermoe":
+            from scattermoe.mlp import GLUMLP
 
-    def forward(x):
-        r = layer.router(x)
-        return mlp(x, r.weights.to(x.dtype), r.indices)
-    forward.module = mlp
-    return forward
+            s = case.shape
+            mlp = GLUMLP(input_size=s.hidden, hidden_size=s.ffn, num_experts=s.experts, top_k=s.top_k,
+                         activation=torch.nn.SiLU()).to(case.device, case.dtype)
+            case.peer_params = list(mlp.parameters())
+            return lambda x, w: mlp(x, w.to(x.dtype), case.expert_indices)
+        raise RuntimeError("installed, but its experts-only entry point is not mapped here yet")
+    return make
 
 
-IMPLEMENTATIONS: Dict[str, Callable] = {
-    "blocksparse": _blocksparse, "loop": _loop, "megablocks": _megablocks, "scattermoe": _scattermoe,
+IMPLEMENTATIONS: Dict[str, Callable[[Case], Callable]] = {
+    "blocksparse_moe": _blocksparse,
+    "hf-grouped_mm": _hf("grouped_mm"),
+    "hf-batched_mm": _hf("batched_mm"),
+    "hf-eager (loop)": _hf("eager"),
+    "dense ceiling": _dense,
+    "torch._grouped_mm": _torch_grouped_mm,
+    "liger": _gpu_peer("liger_kernel"),
+    "megablocks": _gpu_peer("megablocks"),
+    "scattermoe": _gpu_peer("scattermoe"),
 }
 
 
-def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, timing: Dict) -> List[Dict]:
-    layer = build_layer(shape, dtype, device)
-    x = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+# -- measuring ----------------------------------------------------------------------------------
+
+def _steps(case: Case, forward: Callable) -> Tuple[Callable, Callable]:
+    params = case.params + getattr(case, "dense_params", []) + getattr(case, "peer_params", [])
+
+    def fwd():
+        with torch.no_grad():
+            forward(case.x, case.weights)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x = case.x.detach().requires_grad_(True)
+        w = case.weights.detach().requires_grad_(True)
+        out = forward(x, w)
+        out.backward(getattr(forward, "gout", case.gout))
+    return fwd, step
+
+
+def _costs(case: Case, forward: Callable) -> Dict:
+    x = case.x.detach().requires_grad_(True)
+    w = case.weights.detach().requires_grad_(True)
+    exclude = [x, w, case.x, *case.params, *getattr(case, "dense_params", []), *getattr(case, "peer_params", [])]
+    c = measure_step(lambda: forward(x, w), exclude=exclude)
+    t = case.shape.tokens
+    return dict(kept_bytes_per_token=c.kept_bytes / t, fresh_bytes_per_token=c.fresh_bytes / t,
+                host_syncs=c.host_reads)
+
+
+def measure(name: str, case: Case, timing: Dict, budget_s: float) -> Dict:
+    s = case.shape
+    row = dict(shape=s.name, config=s.describe(), dtype=str(case.dtype).replace("torch.", ""), impl=name)
+    try:
+        forward = IMPLEMENTATIONS[name](case)
+    except Exception as exc:  # noqa: BLE001 - a peer that is missing, needs CUDA or does not fit
+        row.update(status=f"skipped: {type(exc).__name__}: {exc}"[:200])
+        return row
+    scale, run_case = 1.0, case
+    if case.device.type == "cpu" and case.dtype in (torch.float16, torch.bfloat16):
+        # Half-precision GEMMs may run in software here: a probe step on 1/8 of the tokens
+        # says whether the full batch fits the budget.
+        probe_tokens = max(s.tokens // 8, 1)
+        probe = case.smaller(probe_tokens)
+        _, probe_step = _steps(probe, IMPLEMENTATIONS[name](probe))
+        one = time_ms(probe_step, case.device, min_runs=1, max_runs=1, budget_s=0.0)
+        if one * 8 > budget_s * 1e3:
+            scale, run_case = s.tokens / probe_tokens, probe
+            forward = IMPLEMENTATIONS[name](probe)
+            timing = dict(min_runs=1, max_runs=1, budget_s=0.0)  # ~100x slower: one run says enough
+    try:
+        fwd, step = _steps(run_case, forward)
+        fwd_ms = time_ms(fwd, case.device, **timing) * scale
+        step_ms = time_ms(step, case.device, **timing) * scale
+        row.update(_costs(run_case, forward))
+        if case.device.type == "cuda":
+            row["peak_gib"] = peak_memory(case.device, step)
+    except Exception as exc:  # noqa: BLE001
+        row.update(status=f"failed: {type(exc).__name__}: {exc}"[:200])
+        return row
+    row.update(status="ok" if scale == 1.0 else f"ok, timed on T={run_case.shape.tokens}, x{scale:g}",
+               forward_ms=fwd_ms, step_ms=step_ms, forward_tflops=s.useful_flops(False) / fwd_ms / 1e9,
+               step_tflops=s.useful_flops(True) / step_ms / 1e9)
+    synchronize(case.device)
+    return row
+
+
+def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, timing: Dict, budget_s: float,
+                only: Optional[List[str]] = None) -> List[Dict]:
+    case = Case(shape, dtype, device)
     rows = []
-    for name, make in IMPLEMENTATIONS.items():
-        row = dict(shape=shape.name, config=shape.describe(), dtype=str(dtype).replace("torch.", ""), impl=name)
-        try:
-            forward = make(layer, shape)
-        except Exception as exc:  # noqa: BLE001 - an optional baseline that is not installed or not mapped
-            row.update(status=f"unavailable: {type(exc).__name__}: {exc}"[:160])
-            rows.append(row)
+    for name in IMPLEMENTATIONS:
+        if only and name not in only:
             continue
-        module = getattr(forward, "module", layer)
-        fwd_ms, step_ms = time_layer(module, x, forward, device, **timing)
-        row.update(status="ok", forward_ms=fwd_ms, step_ms=step_ms, tokens_per_s=shape.tokens / (step_ms * 1e-3),
-                   forward_tflops=shape.useful_flops(False) / (fwd_ms * 1e-3) / 1e12,
-                   step_tflops=shape.useful_flops(True) / (step_ms * 1e-3) / 1e12)
-        rows.append(row)
-    base = next((r for r in rows if r["impl"] == "loop" and r["status"] == "ok"), None)
-    for r in rows:
-        if base and r["status"] == "ok":
-            r["forward_speedup_vs_loop"] = base["forward_ms"] / r["forward_ms"]
-            r["step_speedup_vs_loop"] = base["step_ms"] / r["step_ms"]
+        print(f"  {shape.name} {name} ...", file=sys.stderr, flush=True)
+        rows.append(measure(name, case, timing, budget_s))
+    for base_name, key in (("hf-grouped_mm", "vs_grouped_mm"), ("dense ceiling", "vs_ceiling")):
+        base = next((r for r in rows if r["impl"] == base_name and "step_ms" in r), None)
+        for r in rows:
+            if base and "step_ms" in r:
+                r[key] = base["step_ms"] / r["step_ms"]
+                r["fwd_" + key] = base["forward_ms"] / r["forward_ms"]
     return rows
 
 
+# -- output -------------------------------------------------------------------------------------
+
+HEADER = ("shape", "dtype", "impl", "fwd ms", "fwd+bwd ms", "TFLOP/s", "x grouped_mm", "x ceiling",
+          "kept B/token", "syncs", "fresh MB", "peak GiB", "status")
+
+
 def _cells(r: Dict) -> Tuple[str, ...]:
-    if r["status"] != "ok":
-        return (r["shape"], r["dtype"], r["impl"], "-", "-", "-", "-", "-", r["status"])
-    return (r["shape"], r["dtype"], r["impl"], f"{r['forward_ms']:.2f}", f"{r['step_ms']:.2f}",
-            f"{r['step_tflops']:.3f}", f"{r.get('forward_speedup_vs_loop', float('nan')):.2f}x",
-            f"{r.get('step_speedup_vs_loop', float('nan')):.2f}x", "ok")
-
-
-HEADER = ("shape", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd vs loop", "fwd+bwd vs loop",
-          "status")
+    def f(key, spec, scale=1.0):
+        v = r.get(key)
+        return "-" if v is None else format(v * scale, spec)
+    fresh = r.get("fresh_bytes_per_token")
+    fresh_mb = None if fresh is None else fresh * r.get("tokens", 1)
+    return (r["shape"], r["dtype"], r["impl"], f("forward_ms", ".1f"), f("step_ms", ".1f"), f("step_tflops", ".3f"),
+            f("vs_grouped_mm", ".2f"), f("vs_ceiling", ".2f"), f("kept_bytes_per_token", ",.0f"),
+            f("host_syncs", ".0f"), "-" if fresh_mb is None else f"{fresh_mb / 2**20:,.0f}",
+            f("peak_gib", ".2f"), r["status"])
 
 
 def _markdown(rows: List[Dict], meta: Dict) -> str:
-    lines = [f"# DroplessMoE layer benchmark: {meta['device']}", "",
-             f"torch {meta['torch']}, {'quick run, ' if meta['quick'] else ''}medians, warm-up excluded. "
-             "TFLOP/s counts useful work only (GLU 18*T*k*H*F per forward+backward, MLP 12*T*k*H*F).", "",
+    lines = [f"# Expert-path benchmark: {meta['machine']}", "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['dtype']}, "
+             f"{'quick run, ' if meta['quick'] else ''}medians, warm-up excluded; load average at start "
+             f"{meta['load_start']}, at end {meta['load_end']}. Experts only (routing given). TFLOP/s counts useful "
+             "work only (GLU 18*T*k*H*F per forward+backward). `x grouped_mm` / `x ceiling`: forward+backward "
+             "speed relative to transformers' grouped_mm experts and to the dense ceiling (>1 = faster). "
+             "kept B/token: bytes saved for backward per token (x and weights excluded); syncs: host reads "
+             "of device data per step; fresh MB: bytes of new tensors in one step.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     configs = {}
     for r in rows:
@@ -150,40 +367,59 @@ def _markdown(rows: List[Dict], meta: Dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="DroplessMoE layer benchmark")
-    p.add_argument("--quick", action="store_true", help="a quarter of the tokens, few timing runs")
+    p = argparse.ArgumentParser(description="Expert-path benchmark (blocksparse_moe vs transformers and peers)")
+    p.add_argument("--quick", action="store_true", help="an eighth of the tokens, few timing runs")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--shapes", nargs="*", default=None)
+    p.add_argument("--impls", nargs="*", default=None, help=f"only these of {list(IMPLEMENTATIONS)}")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds one step may take before it is "
+                   "timed on fewer tokens and scaled (CPU)")
+    p.add_argument("--runs", type=int, default=None, help="timing runs per measurement (default: up to 30 "
+                   "within 2 s, at least 5)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(p, args.device)
+    check_out_dir(p, args.out_dir)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.shapes:
+        unknown = set(args.shapes) - {s.name for s in shapes}
+        if unknown:
+            p.error(f"unknown shapes {sorted(unknown)}; known: {[s.name for s in shapes]}")
         shapes = [s for s in shapes if s.name in args.shapes]
+    if args.impls and set(args.impls) - set(IMPLEMENTATIONS):
+        p.error(f"unknown implementations {sorted(set(args.impls) - set(IMPLEMENTATIONS))}")
     if args.quick:
-        shapes = [scaled(s, 0.25) for s in shapes]
+        shapes = [replace(s, tokens=max(1, s.tokens // 8)) for s in shapes]
     timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else {}
-    label = device_label(device)
+    if args.runs:
+        timing = dict(min_runs=args.runs, max_runs=args.runs, budget_s=0.0)
+    import transformers
 
+    label = device_label(device)
+    load_start = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     rows: List[Dict] = []
     with backend.prefer_on_cpu("cpu"):
         for shape in shapes:
-            print(f"{shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
-            rows += bench_shape(shape, dtype, device, timing)
+            print(f"{shape.name}: {shape.describe()}", file=sys.stderr, flush=True)
+            for r in bench_shape(shape, dtype, device, timing, args.budget, args.impls):
+                r["tokens"] = shape.tokens
+                rows.append(r)
 
     widths = [max(len(HEADER[i]), *(len(_cells(r)[i]) for r in rows)) for i in range(len(HEADER))]
     print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(_cells(r), widths)))
 
-    from blocksparse_moe._native import native_status
-
-    meta = dict(device=label, torch=torch.__version__, native=native_status(), quick=bool(args.quick),
-                dtype=str(dtype).replace("torch.", ""))
-    write_results(args.out_dir, f"layer-{label}", meta, rows, _markdown(rows, meta))
+    dt = str(dtype).replace("torch.", "")
+    meta = dict(device=label, machine=machine_name(device), torch=torch.__version__,
+                transformers=transformers.__version__, quick=bool(args.quick), dtype=dt,
+                threads=torch.get_num_threads(), load_start=load_start,
+                load_end=", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    plot = dict(value="step_tflops", label="forward+backward useful TFLOP/s", group="shape", series="impl",
+                title=f"experts fwd+bwd, {dt}: {meta['machine']} (load average {load_start.split(',')[0]})")
+    write_results(args.out_dir, f"layer-{label}-{dt}", meta, rows, _markdown(rows, meta), plot=plot)
     return 0
 
 

@@ -124,18 +124,26 @@ def int_arg(op: str, name: str, v, *, minimum: Optional[int] = None) -> None:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
 
 
-def float_arg(op: str, name: str, v, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
-              exclusive_minimum: bool = False) -> None:
-    """``v`` is a finite real number within ``[minimum, maximum]`` (``(minimum`` if exclusive)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValueError(f"{op}: {name} must be finite, got {v}")
-    if minimum is not None and (v < minimum or (exclusive_minimum and v == minimum)):
-        bound = ">" if exclusive_minimum else ">="
-        raise ValueError(f"{op}: {name} must be {bound} {minimum}, got {v}")
-    if maximum is not None and v > maximum:
-        raise ValueError(f"{op}: {name} must be <= {maximum}, got {v}")
+def check_float(owner: str, name: str, value, *, low: float = -math.inf, high: float = math.inf,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``float(value)`` once it is a finite real number in the range; else a ``TypeError``
+    (not a number) or ``ValueError`` naming ``owner`` and the argument ``name``.
+
+    ``low``/``high`` bound the range, inclusive unless ``low_open``/``high_open``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        lo = "-inf" if low == -math.inf else f"{low:g}"
+        hi = "inf" if high == math.inf else f"{high:g}"
+        opening = "(" if low_open or low == -math.inf else "["
+        closing = ")" if high_open or high == math.inf else "]"
+        span = f"{opening}{lo}, {hi}{closing}"
+        raise ValueError(f"{owner}: {name} must be a finite number in {span}, got {value!r}")
+    return v
 
 
 def choice(op: str, name: str, v, options: Sequence) -> None:

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.experts import expert_mlp, tokens_per_expert
+from .checks import check_float
+from .ops.experts import autocast_operands, expert_mlp, tokens_per_expert
 from .router import SCORES, Router
 from .topology import check_block_size
 
@@ -101,10 +102,12 @@ class DenseMLP(nn.Module):
                 f"activation={self.activation!r}, glu={self.glu}, bias={self.b1 is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(x, self.w1, self.b1)
-        a = ops.sparse_glu_packed(h, self.activation) if self.glu else ops.sparse_activation(h, self.activation)
-        y = a @ self.w2
-        return y if self.b2 is None else y + self.b2
+        (x, w1, w2, b1, b2), amp_off = autocast_operands(x, self.w1, self.w2, self.b1, self.b2)
+        with amp_off:
+            h = torch.nn.functional.linear(x, w1, b1)
+            a = ops.sparse_glu_packed(h, self.activation) if self.glu else ops.sparse_activation(h, self.activation)
+            y = a @ w2
+            return y if b2 is None else y + b2
 
 
 def _uniform(p: Optional[torch.Tensor], fan_in: int) -> None:
@@ -162,6 +165,10 @@ class DroplessMoE(nn.Module):
             raise ValueError(f"DroplessMoE: score must be one of {SCORES}, got {score!r}")
         if shared_expert_gate and not shared_expert_size:
             raise ValueError("DroplessMoE: shared_expert_gate needs shared_expert_size > 0")
+        check_float("DroplessMoE", "scaling_factor", scaling_factor, low=0.0, low_open=True)
+        check_float("DroplessMoE", "jitter_noise", jitter_noise, low=0.0, high=1.0, high_open=True)
+        check_float("DroplessMoE", "load_balancing_coef", load_balancing_coef, low=0.0)
+        check_float("DroplessMoE", "z_loss_coef", z_loss_coef, low=0.0)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         kw = dict(dtype=dtype, device=device)
         self.hidden_size = hidden_size
@@ -212,13 +219,21 @@ class DroplessMoE(nn.Module):
         ``expert_indices [T, k]`` (``T`` = tokens after flattening the leading dims), when
         given, replaces the router's top-k choice; the weights are still the router's scores
         of those experts. Tests force routing distributions with it; integrations replay one.
+
+        ``x`` may have any strides. Under ``torch.autocast`` (CPU or CUDA) the experts and the
+        shared expert run in the autocast dtype with the parameters cast once per call
+        (gradients flow back to them in their own dtype), the router stays in float32
+        (see :class:`~blocksparse_moe.router.Router`), and ``out`` is in the autocast dtype.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DroplessMoE: x must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"DroplessMoE: x must be [..., {self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.w1.dtype:
-            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self.w1.dtype}")
+        amp = (torch.get_autocast_dtype(x.device.type)
+               if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) else None)
+        if x.dtype != self.w1.dtype and x.dtype != amp:
+            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self.w1.dtype}"
+                            + (f" (and autocast's dtype is {amp})" if amp is not None else ""))
         if x.device != self.w1.device:
             raise ValueError(f"DroplessMoE: x is on {x.device} but the layer's parameters are on {self.w1.device}")
         shape = x.shape

@@ -33,6 +33,7 @@ that the caller adds to its training loss):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -40,6 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checks import check_float
 from .ops.router import router_logits
 from .routing import checked_expert_ids
 
@@ -125,12 +127,12 @@ class Router(nn.Module):
             raise ValueError(f"Router: top_k ({top_k}) must be <= num_experts ({num_experts})")
         if score not in SCORES:
             raise ValueError(f"Router: score must be one of {SCORES}, got {score!r}")
-        for name, v in (("jitter_noise", jitter_noise), ("load_balancing_coef", load_balancing_coef),
-                        ("z_loss_coef", z_loss_coef)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v and math.isfinite(v)):
-                raise ValueError(f"Router: {name} must be a finite number >= 0, got {v!r}")
-        if jitter_noise >= 1.0:
-            raise ValueError(f"Router: jitter_noise must be < 1 (it scales inputs by U(1-eps, 1+eps)), got {jitter_noise}")
+        # Every float hyper-parameter: a NaN scaling factor would make every output NaN.
+        check_float("Router", "scaling_factor", scaling_factor, low=0.0, low_open=True)
+        # jitter scales inputs by U(1 - eps, 1 + eps): eps in [0, 1)
+        check_float("Router", "jitter_noise", jitter_noise, low=0.0, high=1.0, high_open=True)
+        check_float("Router", "load_balancing_coef", load_balancing_coef, low=0.0)
+        check_float("Router", "z_loss_coef", z_loss_coef, low=0.0)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -180,7 +182,9 @@ class Router(nn.Module):
             raise TypeError(f"Router: x must be a tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"Router: x must be [T, {self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
+        amp = (torch.get_autocast_dtype(x.device.type)
+               if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) else None)
+        if x.dtype != self.weight.dtype and x.dtype != amp:
             raise TypeError(f"Router: x is {x.dtype} but the router weight is {self.weight.dtype}")
         t = x.shape[0]
         if expert_indices is not None:
@@ -194,12 +198,15 @@ class Router(nn.Module):
         if self.training and self.jitter_noise > 0:
             eps = self.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        # float32 logits (float64 stays float64); see ops/router.py for why and how.
-        logits = router_logits(x, self.weight)
-        if self.score == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-        else:
-            scores = torch.sigmoid(logits)
+        # float32 logits (float64 stays float64); see ops/router.py for why and how. Under
+        # torch.autocast too: autocast would run the gate in bf16/fp16, so it is turned off
+        # here and the router stays float32 (x of the autocast dtype is accepted).
+        with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            logits = router_logits(x, self.weight)
+            if self.score == "softmax":
+                scores = torch.softmax(logits, dim=-1)
+            else:
+                scores = torch.sigmoid(logits)
         if expert_indices is None:
             with torch.no_grad():
                 selection = scores if self.expert_bias is None else scores + self.expert_bias
@@ -227,6 +234,7 @@ class Router(nn.Module):
         """
         if self.expert_bias is None:
             raise RuntimeError("Router.update_expert_bias: the router was built with expert_bias=False")
+        rate = check_float("Router.update_expert_bias", "rate", rate, low=0.0)
         if tokens_per_expert.shape != (self.num_experts,):
             raise ValueError(f"Router.update_expert_bias: tokens_per_expert must be [{self.num_experts}], "
                              f"got {tuple(tokens_per_expert.shape)}")

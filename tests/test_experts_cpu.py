@@ -290,3 +290,29 @@ def test_rounded_once(dtype):
         assert int(dist.max()) <= 1, f"{name}: {int(dist.max())} ulp from the once-rounded reference"
         exact = float((dist == 0).double().mean())
         assert exact >= 0.98, f"{name}: only {exact:.1%} equal the once-rounded reference (rounded twice?)"
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    """Every GEMM phase cut into parts on 3 threads, whatever its size (uneven cuts, experts
+    straddling a cut: their weight gradients split by rows)."""
+    monkeypatch.setattr(cpu_experts, "_PARALLEL_MIN_FLOPS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "one-expert"])
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "plain"])
+def test_parity_threaded(threaded, dtype, routing, glu):
+    _check(_inputs(dtype, routing=routing, glu=glu, tokens=37, seed=13), act="gelu", glu=glu)
+    assert torch.get_num_threads() == 3, "the thread count is restored after each phase"
+
+
+def test_threaded_deterministic(threaded):
+    d = _inputs(torch.float32, routing="skewed", k=3, seed=14)
+    out1, g1, dout = _run(d, "silu", True)
+    out2, g2, _ = _run(d, "silu", True, dout)
+    assert torch.equal(out1, out2) and all(torch.equal(g1[n], g2[n]) for n in g1)

@@ -73,7 +73,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import ops
 from ..matrix import SparseMatrix
-from ..ops.experts import expert_mlp
+from ..ops.experts import autocast_operands, expert_mlp
 from ..routing import route
 from ..topology import SUPPORTED_BLOCK_SIZES, make_topology
 
@@ -160,6 +160,10 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
                                 top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"blocksparse_moe"`` experts forward (same signature as transformers' ``eager``).
 
+    Under ``torch.autocast`` (CPU or CUDA) the experts run in the autocast dtype: the
+    module's weights and biases are cast once per call (gradients reach them in their own
+    dtype), autocast is off for the ops inside, and the result is in the autocast dtype.
+
     Args:
         self: an experts module decorated with ``@use_experts_implementation`` (reads its
             ``num_experts``, ``has_gate``, ``has_bias``, ``is_transposed``,
@@ -171,8 +175,22 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
         top_k_weights: ``[T, k]`` routing weights.
 
     Returns:
-        ``[T, H]`` in ``hidden_states.dtype``: ``sum_j w[t, j] * expert_{id[t, j]}(x[t])``.
+        ``[T, H]`` in ``hidden_states.dtype`` (the autocast dtype under autocast):
+        ``sum_j w[t, j] * expert_{id[t, j]}(x[t])``.
     """
+    # Weights and biases as the products take them: the module's own, or cast once to the
+    # autocast dtype (then hidden_states too, and autocast off inside).
+    params = {name: getattr(self, name, None) for name in
+              ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")}
+    names = [n for n, t in params.items() if isinstance(t, torch.Tensor)]
+    (hidden_states, *cast), amp_off = autocast_operands(hidden_states, *(params[n] for n in names))
+    params.update(zip(names, cast))
+    with amp_off:
+        return _experts_forward(self, params, hidden_states, top_k_index, top_k_weights)
+
+
+def _experts_forward(self: torch.nn.Module, params: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
     if hidden_states.dim() != 2:
         raise ValueError(f"blocksparse_moe experts: hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
     num_tokens = hidden_states.shape[0]
@@ -192,8 +210,8 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     interleaved = has_gate and not default_gate and not getattr(self, "is_concatenated", True)
     groups = 2 if has_gate else 1
 
-    w_in = self.gate_up_proj if has_gate else self.up_proj
-    w_out = self.down_proj
+    w_in = params["gate_up_proj"] if has_gate else params["up_proj"]
+    w_out = params["down_proj"]
     if w_in.dim() != 3 or w_in.shape[0] != num_experts:
         raise ValueError(f"blocksparse_moe experts: {'gate_up_proj' if has_gate else 'up_proj'} has shape "
                          f"{tuple(w_in.shape)}, expected [{num_experts}, ...]")
@@ -253,7 +271,7 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     data = h.data.view(block_rows, groups * fb, block_size, block_size)
     bias1 = None
     if has_bias:
-        b1 = self.gate_up_proj_bias if has_gate else self.up_proj_bias
+        b1 = params["gate_up_proj_bias"] if has_gate else params["up_proj_bias"]
         bias1 = _pad_inner(b1, 1, ffn, ffn_padded, groups, interleaved)[expert_of_block_row]  # [R, W]
 
     if bias1 is not None:
@@ -288,7 +306,7 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     y = ops.dsd(SparseMatrix(topo_hidden, act, False), w2)  # [P, H]
 
     if has_bias:
-        y = y + self.down_proj_bias[expert_of_block_row].repeat_interleave(block_size, 0)
+        y = y + params["down_proj_bias"][expert_of_block_row].repeat_interleave(block_size, 0)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     if expert_parallel:

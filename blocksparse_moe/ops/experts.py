@@ -28,7 +28,8 @@ construction and skips that check (``check_indices=False``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import contextlib
+from typing import ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -119,6 +120,30 @@ def _expert_ids(op: str, routing: Union[torch.Tensor, Routing], tokens: int, dev
     return ids
 
 
+def autocast_operands(x: torch.Tensor, *tensors: Optional[torch.Tensor]
+                       ) -> Tuple[Tuple[Optional[torch.Tensor], ...], ContextManager]:
+    """Mixed precision at the entry of the expert path, as MegaBlocks does it.
+
+    Under ``torch.autocast`` on ``x``'s device, ``x`` and ``tensors`` (the expert weights and
+    biases) that are float32/float16/bfloat16 are cast to the autocast dtype here, once per
+    call (once per step: the casts are differentiable, so gradients reach the fp32
+    parameters in their own dtype), and the returned context turns autocast off for the
+    ops inside, which then run in that dtype instead of being re-cast op by op. float64
+    is left alone, as autocast leaves it. Outside autocast: the tensors unchanged and a
+    null context. Returns ``((x, *tensors), context)``.
+    """
+    device = x.device.type
+    if not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device)):
+        return (x, *tensors), contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return t
+        return t.to(dtype)
+    return tuple(cast(t) for t in (x, *tensors)), torch.autocast(device, enabled=False)
+
+
 def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], weights: Optional[torch.Tensor],
                w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor] = None,
                b2: Optional[torch.Tensor] = None, *, activation: str = "silu", glu: bool = True,
@@ -143,8 +168,22 @@ def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], we
     Returns:
         ``[T, H]`` in x's dtype, accumulated in fp32. Differentiable in x, weights, w1, w2, b1, b2.
         Deterministic: the ``k`` slots of a token are summed in a fixed order, no atomics.
+        Under ``torch.autocast`` the experts run in the autocast dtype (x and the weights cast
+        once per call, float32 ``weights`` kept) and the result is in that dtype.
     """
     op = "expert_mlp"
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        checks.tensor(op, name, t)
+    (x, w1, w2, b1, b2), amp_off = autocast_operands(x, w1, w2, b1, b2)
+    if weights is not None and isinstance(weights, torch.Tensor) and weights.dtype not in (x.dtype, torch.float32):
+        if not isinstance(amp_off, contextlib.nullcontext):
+            weights = weights.to(x.dtype)  # under autocast: the router's float32 stays float32
+    with amp_off:
+        return _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu, block_size,
+                           check_indices)
+
+
+def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu, block_size, check_indices):
     for name, t in (("x", x), ("w1", w1), ("w2", w2)):
         checks.float_tensor(op, name, t)
     for name, t in (("b1", b1), ("b2", b2)):
