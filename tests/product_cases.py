@@ -13,8 +13,10 @@ import math
 import pytest
 import torch
 
+import blocksparse_moe as bm
 from blocksparse_moe import reference
-from blocksparse_moe.topology import Topology, make_topology
+
+Topology, make_topology = bm.Topology, bm.make_topology
 
 
 def moe_topology(tokens_per_expert, ffn_hidden_size: int, block_size: int) -> Topology:

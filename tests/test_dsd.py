@@ -4,7 +4,9 @@ float64, for S and for its transpose S^T (read through the transposed metadata).
 The reference builds S block by block from the case's pattern as ``reference.py`` makes it
 (``product_cases.reference_topology``), never with the package's ``to_dense``, and reads
 no transposed metadata: a wrong ``offsets_t`` / ``column_indices_t`` / ``block_offsets_t``
-read shows. fp16/bf16 results must also be the float64 reference rounded once.
+read shows. fp16/bf16 results must also be the float64 reference rounded once: that kills,
+e.g., the CPU path's generic (chunked) product rounding each chunk's block products to
+fp16/bf16 before summing them (the coo case; tried).
 """
 
 from types import SimpleNamespace
