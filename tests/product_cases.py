@@ -13,7 +13,10 @@ import math
 import pytest
 import torch
 
-from blocksparse_moe.topology import Topology, make_topology
+import blocksparse_moe as bm
+from blocksparse_moe import reference
+
+Topology, make_topology = bm.Topology, bm.make_topology
 
 
 def moe_topology(tokens_per_expert, ffn_hidden_size: int, block_size: int) -> Topology:
@@ -30,10 +33,41 @@ def arbitrary_topology() -> Topology:
     return Topology.from_block_coo(rows, cols, (64, 80), 16)
 
 
+ARBITRARY_BLOCKS = [(0, 0), (0, 2), (0, 4), (1, 1), (3, 0), (3, 1), (3, 4)]  # arbitrary_topology's, row-major
+
+
+def _padded_bins(tokens_per_expert, block_size: int) -> list:
+    bins, total = [], 0
+    for t in tokens_per_expert:
+        total += -(-t // block_size) * block_size
+        bins.append(total)
+    return bins
+
+
+def moe_reference_topology(tokens_per_expert, ffn_hidden_size: int, block_size: int) -> dict:
+    """:func:`moe_topology`'s pattern from ``reference.topology_reference`` (never from the
+    package's make_topology): what the products' expectations are built on."""
+    return reference.topology_reference(_padded_bins(tokens_per_expert, block_size), len(tokens_per_expert),
+                                        ffn_hidden_size, block_size)
+
+
+def arbitrary_reference_topology() -> dict:
+    out = reference.block_topology_reference(ARBITRARY_BLOCKS, 4, 5)
+    out.update(shape=(64, 80), block_size=16)
+    return out
+
+
 def _topology(spec) -> Topology:
     if spec == "coo":
         return arbitrary_topology()
     return moe_topology(*spec)
+
+
+def reference_topology(case_id: str) -> dict:
+    """The case's pattern from the reference (``row_indices``, ``column_indices``, ``shape``,
+    ``block_size`` and the transposed fields), for the products' references."""
+    spec = _SPECS[case_id]
+    return arbitrary_reference_topology() if spec == "coo" else moe_reference_topology(*spec)
 
 
 # (tokens per expert, F, block size) or "coo".

@@ -4,30 +4,51 @@
   tensors (static and dynamic shapes) and compares shapes, dtypes and strides; the products,
   permutes and activations on both CPU back ends (torch path, interpreted Triton kernels).
 * ``torch.compile(..., fullgraph=True)`` of ``DroplessMoE`` (GLU and plain MLP, biases,
-  shared expert, block sizes 16 and 32) and of the functional ops gives eager's output and
-  gradients. fullgraph raises on any graph break; a compile counter checks that there is
-  exactly one graph and that a new token count does not recompile (dynamic T).
+  shared expert, block sizes 16 and 32) and of the functional ops: the compiled and the
+  eager run are each compared with the float64 reference (``reference.moe_reference``, and
+  the products / permutes / routing of ``reference.py`` for the functional pipelines), never
+  with each other (they run the same function). fullgraph raises on any graph break; a
+  compile counter checks that there is exactly one graph and that a new token count does
+  not recompile (dynamic T).
 * Value checks that read data still raise ``ValueError`` naming the argument when compiled.
 
 Most cases use the ``aot_eager`` backend (AOTAutograd traces forward and backward, no code
 generation); one small case runs the default inductor backend (it compiles C++ on CPU).
 """
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from blocksparse_moe import backend, ops
-from blocksparse_moe.ops import products, permute as permute_ops, activation as activation_ops
-from blocksparse_moe.moe import DroplessMoE
-from blocksparse_moe import routing as routing_mod
-from blocksparse_moe.routing import _route, padded_block_rows, route
-from blocksparse_moe.topology import _topology, make_topology
+import blocksparse_moe as bm
+from blocksparse_moe import backend, reference
 from product_cases import arbitrary_topology, moe_topology
 from tolerances import assert_close
 
 F32 = torch.float32
+DroplessMoE, route, make_topology = bm.DroplessMoE, bm.route, bm.make_topology
+ops = bm  # the public functional API
+
+
+def _private():
+    """PRIVATE HOOKS, the only ones in this file: the custom ops behind the public functions,
+    which opcheck exercises one by one. Repoint these lines when ops.py, routing.py and
+    topology.py are reorganised (issue 10)."""
+    from blocksparse_moe.ops import activation, permute, products
+    from blocksparse_moe.routing import _checked_expert_ids, _route, padded_block_rows
+    from blocksparse_moe.topology import _topology
+
+    return SimpleNamespace(
+        route=_route.op, padded_block_rows=padded_block_rows.op, topology=_topology.op,
+        checked_expert_ids=_checked_expert_ids.op, meta=products._meta, product=products._product.op,
+        invert_rows=permute._permute_invert_rows, invert_rows_op=permute._permute_invert_rows.op,
+        gather=permute._permute_gather.op, scatter=permute._permute_scatter.op,
+        scatter_wgrad=permute._permute_scatter_wgrad.op, glu_forward=activation._glu_forward.op,
+        glu_backward=activation._glu_backward.op, glu_backward_packed=activation._glu_backward_packed.op)
 
 # Dynamo's own tracing (not this package) touches torch.jit.script_method.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -47,17 +68,18 @@ def _gen(seed):
 # -- opcheck: every op's fake matches its implementation --------------------------------------
 
 def _routing_samples():
+    p = _private()
     ids = torch.randint(0, 4, (13, 2), generator=_gen(0))
     r = route(ids, 4, 16)
     pb = torch.tensor([16, 16, 48], dtype=torch.int32)  # an empty expert in the middle
     return [
-        pytest.param(_route.op, (ids, 4, 16), id="route-int64"),
-        pytest.param(_route.op, (ids.to(torch.int32), 8, 32), id="route-int32-empty-experts"),
-        pytest.param(_route.op, (ids[:0], 4, 16), id="route-no-tokens"),
-        pytest.param(padded_block_rows.op, (r.padded_bins, 16), id="padded_block_rows"),
-        pytest.param(_topology.op, (pb, 3, 32, 16, 48), id="topology"),
-        pytest.param(_topology.op, (pb.new_zeros(2), 2, 64, 32, 0), id="topology-no-tokens"),
-        pytest.param(routing_mod._checked_expert_ids.op, (ids.to(torch.int32), 4, "Router"), id="checked_expert_ids"),
+        pytest.param(p.route, (ids, 4, 16), id="route-int64"),
+        pytest.param(p.route, (ids.to(torch.int32), 8, 32), id="route-int32-empty-experts"),
+        pytest.param(p.route, (ids[:0], 4, 16), id="route-no-tokens"),
+        pytest.param(p.padded_block_rows, (r.padded_bins, 16), id="padded_block_rows"),
+        pytest.param(p.topology, (pb, 3, 32, 16, 48), id="topology"),
+        pytest.param(p.topology, (pb.new_zeros(2), 2, 64, 32, 0), id="topology-no-tokens"),
+        pytest.param(p.checked_expert_ids, (ids.to(torch.int32), 4, "Router"), id="checked_expert_ids"),
     ]
 
 
@@ -67,7 +89,8 @@ def test_opcheck_routing_ops(op, args):
 
 
 def _product_samples(device):
-    meta = products._meta
+    p = _private()
+    meta = p.meta
     out = {}
     for name, topo in (("moe", moe_topology([5, 0, 20], 32, 16).to(device)), ("coo", arbitrary_topology().to(device))):
         (m, n), b = topo.shape, topo.block_size
@@ -80,16 +103,16 @@ def _product_samples(device):
         gd = torch.randn(n // b, 20, b, generator=_gen(11)).to(device).transpose(1, 2)
         gdt = torch.randn(m // b, 20, b, generator=_gen(12)).to(device).transpose(1, 2)
         out.update({
-            f"sdd-grouped-{name}": (products._product.op, ("sdd", a, gb, *meta(topo), b)),
-            f"dsd-grouped-{name}": (products._product.op, ("dsd", data, gd, *meta(topo), False)),
-            f"dsd-grouped-transposed-{name}": (products._product.op, ("dsd", data, gdt, *meta(topo), True)),
+            f"sdd-grouped-{name}": (p.product, ("sdd", a, gb, *meta(topo), b)),
+            f"dsd-grouped-{name}": (p.product, ("dsd", data, gd, *meta(topo), False)),
+            f"dsd-grouped-transposed-{name}": (p.product, ("dsd", data, gdt, *meta(topo), True)),
         })
         out.update({
-            f"sdd-{name}": (products._product.op, ("sdd", a, bt, *meta(topo), b)),
-            f"dsd-{name}": (products._product.op, ("dsd", data, torch.randn(n, 20).to(device), *meta(topo), False)),
-            f"dsd-transposed-{name}": (products._product.op, ("dsd", data, torch.randn(m, 20).to(device), *meta(topo), True)),
-            f"dds-{name}": (products._product.op, ("dds", torch.randn(20, m).to(device), data, *meta(topo), False)),
-            f"dds-transposed-{name}": (products._product.op, ("dds", torch.randn(20, n).to(device), data, *meta(topo), True)),
+            f"sdd-{name}": (p.product, ("sdd", a, bt, *meta(topo), b)),
+            f"dsd-{name}": (p.product, ("dsd", data, torch.randn(n, 20).to(device), *meta(topo), False)),
+            f"dsd-transposed-{name}": (p.product, ("dsd", data, torch.randn(m, 20).to(device), *meta(topo), True)),
+            f"dds-{name}": (p.product, ("dds", torch.randn(20, m).to(device), data, *meta(topo), False)),
+            f"dds-transposed-{name}": (p.product, ("dds", torch.randn(20, n).to(device), data, *meta(topo), True)),
         })
     return out
 
@@ -101,14 +124,15 @@ def _permute_samples(device):
     x = torch.randn(11, h, generator=_gen(5)).to(device)
     y = torch.randn(p, h, generator=_gen(6)).to(device)
     w = torch.rand(11, k, generator=_gen(7)).to(device)
-    row_slots = permute_ops._permute_invert_rows(r.padded_rows, p)
+    q = _private()
+    row_slots = q.invert_rows(r.padded_rows, p)
     return {
-        "invert_rows": (permute_ops._permute_invert_rows.op, (r.padded_rows, p)),
-        "gather": (permute_ops._permute_gather.op, (x, row_slots, k, None)),
-        "gather-weighted": (permute_ops._permute_gather.op, (x, row_slots, k, w)),
-        "scatter": (permute_ops._permute_scatter.op, (y, r.padded_rows, k, None)),
-        "scatter-weighted": (permute_ops._permute_scatter.op, (y, r.padded_rows, k, w)),
-        "scatter_wgrad": (permute_ops._permute_scatter_wgrad.op, (x, y, r.padded_rows, k, F32)),
+        "invert_rows": (q.invert_rows_op, (r.padded_rows, p)),
+        "gather": (q.gather, (x, row_slots, k, None)),
+        "gather-weighted": (q.gather, (x, row_slots, k, w)),
+        "scatter": (q.scatter, (y, r.padded_rows, k, None)),
+        "scatter-weighted": (q.scatter, (y, r.padded_rows, k, w)),
+        "scatter_wgrad": (q.scatter_wgrad, (x, y, r.padded_rows, k, F32)),
     }
 
 
@@ -116,12 +140,13 @@ def _activation_samples(device):
     packed = torch.randn(3, 2 * 40, generator=_gen(8)).to(device)
     gate, up = packed[:, :40], packed[:, 40:]  # the packed GLU's halves: row stride 80
     dout = torch.randn(3, 40, generator=_gen(9)).to(device)
+    p = _private()
     return {
-        "glu_forward-silu-strided": (activation_ops._glu_forward.op, (gate, up, 0)),
-        "glu_forward-gelu-no-up": (activation_ops._glu_forward.op, (dout, None, 1)),
-        "glu_backward-gelu_tanh": (activation_ops._glu_backward.op, (dout, gate, up, 2)),
-        "glu_backward-relu-no-up": (activation_ops._glu_backward.op, (dout, gate, None, 3)),
-        "glu_backward_packed": (activation_ops._glu_backward_packed.op, (dout, packed, 0)),
+        "glu_forward-silu-strided": (p.glu_forward, (gate, up, 0)),
+        "glu_forward-gelu-no-up": (p.glu_forward, (dout, None, 1)),
+        "glu_backward-gelu_tanh": (p.glu_backward, (dout, gate, up, 2)),
+        "glu_backward-relu-no-up": (p.glu_backward, (dout, gate, None, 3)),
+        "glu_backward_packed": (p.glu_backward_packed, (dout, packed, 0)),
     }
 
 
@@ -169,16 +194,48 @@ def _step(fn, layer, x, expert_indices=None, dynamic=False):
     return out.detach(), aux, grads
 
 
-def _assert_same(compiled, eager, msg=""):
-    (out_c, aux_c, grads_c), (out_e, aux_e, grads_e) = compiled, eager
-    assert_close(out_c, out_e, F32, "layer", msg=f"{msg} out")
-    for name in ("aux_loss", "load_balancing_loss", "z_loss", "expert_weights", "router_logits"):
-        assert_close(getattr(aux_c, name), getattr(aux_e, name), F32, "layer", msg=f"{msg} aux.{name}")
-    assert torch.equal(aux_c.expert_indices, aux_e.expert_indices), msg
-    assert torch.equal(aux_c.tokens_per_expert, aux_e.tokens_per_expert), msg
-    assert grads_c.keys() == grads_e.keys()
-    for name in grads_e:
-        assert_close(grads_c[name], grads_e[name], F32, "layer", msg=f"{msg} d {name}")
+def _reference_step(layer, x, expert_indices=None):
+    """``_step``'s results from ``reference.moe_reference`` on float64 copies of the layer and
+    of x: ``(out, aux dict, grads)``, with the reference's own top-k choice unless
+    ``expert_indices`` is given (inputs are random: no near-ties at these seeds)."""
+    layer64 = copy.deepcopy(layer).to(torch.float64)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference.moe_reference(x64, **layer64.reference_weights(), expert_indices=expert_indices)
+    gout = torch.randn(ref["out"].shape, generator=_gen(1)).double()  # the same draw as _step's
+    lc, zc = layer.router.load_balancing_coef, layer.router.z_loss_coef
+    aux_loss = lc * ref["load_balancing_loss"] + zc * ref["z_loss"]
+    ((ref["out"] * gout).sum() + aux_loss).backward()
+    grads = {"x": torch.zeros_like(x64) if x64.grad is None else x64.grad}
+    for name, p in layer64.named_parameters():
+        grads[name] = torch.zeros_like(p) if p.grad is None else p.grad
+    aux = dict(aux_loss=aux_loss, load_balancing_loss=ref["load_balancing_loss"], z_loss=ref["z_loss"],
+               expert_weights=ref["weights"], router_logits=ref["logits"], expert_indices=ref["indices"])
+    return ref["out"].detach(), aux, grads
+
+
+def _assert_matches_reference(step, ref, msg=""):
+    """One run (compiled or eager) of ``_step`` against ``_reference_step``."""
+    (out, aux, grads), (out_r, aux_r, grads_r) = step, ref
+    assert_close(out, out_r, F32, "layer", msg=f"{msg} out")
+    for name in ("aux_loss", "load_balancing_loss", "z_loss", "router_logits"):
+        assert_close(getattr(aux, name), aux_r[name], F32, "layer", msg=f"{msg} aux.{name}")
+    # the same experts with the same weights, each token's k choices compared in expert order
+    got_ids, got_order = aux.expert_indices.sort(dim=1)
+    want_ids, want_order = aux_r["expert_indices"].sort(dim=1)
+    assert torch.equal(got_ids, want_ids), msg
+    assert_close(aux.expert_weights.gather(1, got_order), aux_r["expert_weights"].gather(1, want_order), F32,
+                 "layer", msg=f"{msg} aux.expert_weights")
+    counts = torch.bincount(aux_r["expert_indices"].reshape(-1), minlength=aux.tokens_per_expert.numel())
+    assert torch.equal(aux.tokens_per_expert.long(), counts), msg
+    assert grads.keys() == grads_r.keys()
+    for name in grads_r:
+        assert_close(grads[name], grads_r[name], F32, "layer", msg=f"{msg} d {name}")
+
+
+def _assert_same(compiled, eager, ref, msg=""):
+    """The compiled and the eager run, each against the float64 reference."""
+    _assert_matches_reference(compiled, ref, msg=f"{msg} compiled")
+    _assert_matches_reference(eager, ref, msg=f"{msg} eager")
 
 
 LAYERS = [
@@ -196,7 +253,7 @@ def test_compiled_layer_matches_eager(cfg):
         x = torch.randn(37, H, generator=_gen(2))  # not a multiple of a block: padded groups
         counter = CompileCounterWithBackend("aot_eager")
         compiled = torch.compile(layer, fullgraph=True, backend=counter)
-        _assert_same(_step(compiled, layer, x), _step(layer, layer, x))
+        _assert_same(_step(compiled, layer, x), _step(layer, layer, x), _reference_step(layer, x))
         assert counter.frame_count == 1  # one graph: forward and backward of the whole layer
 
 
@@ -210,7 +267,7 @@ def test_compiled_layer_dynamic_token_count():
         for tokens in (24, 53, 5):
             x = torch.randn(tokens, H, generator=_gen(tokens))
             compiled_step = _step(compiled, layer, x, dynamic=tokens == 24)  # only the first call marks it
-            _assert_same(compiled_step, _step(layer, layer, x), msg=f"T={tokens}")
+            _assert_same(compiled_step, _step(layer, layer, x), _reference_step(layer, x), msg=f"T={tokens}")
         assert counter.frame_count == 1
 
 
@@ -223,7 +280,8 @@ def test_compiled_layer_edge_cases(kind):
             x, ids = torch.randn(0, H), None
         else:  # three experts without a token
             x, ids = torch.randn(21, H, generator=_gen(3)), torch.full((21, 1), 2)
-        _assert_same(_step(compiled, layer, x, ids), _step(layer, layer, x, ids), msg=kind)
+        _assert_same(_step(compiled, layer, x, ids), _step(layer, layer, x, ids), _reference_step(layer, x, ids),
+                     msg=kind)
 
 
 def test_compiled_layer_inductor():
@@ -232,7 +290,7 @@ def test_compiled_layer_inductor():
         layer = _layer(experts=4, top_k=2, glu=True, bias=True, shared_expert_size=16, block_size=16)
         x = torch.randn(19, H, generator=_gen(4))
         compiled = torch.compile(layer, fullgraph=True)
-        _assert_same(_step(compiled, layer, x), _step(layer, layer, x))
+        _assert_same(_step(compiled, layer, x), _step(layer, layer, x), _reference_step(layer, x))
 
 
 def test_compiled_layer_without_fullgraph():
@@ -241,7 +299,8 @@ def test_compiled_layer_without_fullgraph():
     with backend.prefer_on_cpu("cpu"):
         layer = _layer(glu=False, block_size=16)
         x = torch.randn(30, H, generator=_gen(5))
-        _assert_same(_step(torch.compile(layer, backend="aot_eager"), layer, x), _step(layer, layer, x))
+        _assert_same(_step(torch.compile(layer, backend="aot_eager"), layer, x), _step(layer, layer, x),
+                     _reference_step(layer, x))
         torch._dynamo.reset()
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             assert torch._dynamo.explain(layer)(x).graph_break_count == 0
@@ -285,6 +344,36 @@ def _unpadded(x, ids, weights):
     return out + ops.scatter(ops.gather(x, r, K_TOP), r, None, K_TOP)
 
 
+def _reference_routing(ids):
+    """What the permute references read of a Routing, from ``reference.routing_reference``."""
+    r = reference.routing_reference(ids, E, B)
+    return SimpleNamespace(top_k=K_TOP, rows=r["rows"], padded_rows=r["padded_rows"], num_tokens=ids.shape[0],
+                           padded_tokens=int(r["padded_bins"][-1]), padded_bins=r["padded_bins"])
+
+
+def _pipeline_reference(x, ids, w1, w2, weights):
+    """``_pipeline`` from reference.py alone (2-D weights ``w1 [H, E*F]``, ``w2 [E*F, H]``)."""
+    r = _reference_routing(ids)
+    topo = reference.topology_reference(r.padded_bins, E, F_FFN, B)
+    xp = reference.padded_gather(x, r, K_TOP)
+    h = reference.activation_reference(reference.sdd_reference(xp, w1, topo), "gelu")  # on the stored blocks
+    y = reference.dsd_reference(h, w2, topo)
+    side = reference.dds_reference(xp.t(), h, topo)
+    return reference.padded_scatter(y, r, weights, K_TOP), side
+
+
+def _pipeline_grouped_reference(x, ids, w1, w2, weights):
+    """``_pipeline_grouped``'s stacks ``[E, H, F]`` read as the 2-D operands they stand for."""
+    return _pipeline_reference(x, ids, torch.cat(list(w1), dim=1), torch.cat(list(w2.transpose(1, 2)), dim=0),
+                               weights)
+
+
+def _unpadded_reference(x, ids, weights):
+    r = _reference_routing(ids)
+    out = reference.padded_scatter(reference.padded_gather(x, r, K_TOP) * 2, r, weights, K_TOP)
+    return out + reference.scatter(reference.gather(x, r, K_TOP), r, None, K_TOP)
+
+
 def _functional_inputs(device, tokens=13):
     g = _gen(6)
     x = torch.randn(tokens, 16, generator=g)
@@ -295,18 +384,21 @@ def _functional_inputs(device, tokens=13):
     return [t.to(device) for t in (x, ids, w1, w2, weights)]
 
 
-def _value_and_grads(fn, inputs):
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+def _value_and_grads(fn, inputs, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype if t.is_floating_point() else t.dtype).requires_grad_(t.is_floating_point())
+              for t in inputs]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((o * torch.randn(o.shape, generator=_gen(i)).to(o.device)).sum() for i, o in enumerate(outs))
+    loss = sum((o * torch.randn(o.shape, generator=_gen(i)).to(o.device, o.dtype)).sum() for i, o in enumerate(outs))
     loss.backward()
     return [o.detach() for o in outs], [t.grad for t in leaves if t.is_floating_point()]
 
 
-@pytest.mark.parametrize("fn", [_pipeline, _pipeline_grouped, _unpadded],
+@pytest.mark.parametrize("fn, ref_fn", [(_pipeline, _pipeline_reference),
+                                        (_pipeline_grouped, _pipeline_grouped_reference),
+                                        (_unpadded, _unpadded_reference)],
                          ids=["products", "products-grouped-weights", "permutes-no-topology"])
-def test_compiled_functional_ops(path, fn):
+def test_compiled_functional_ops(path, fn, ref_fn):
     inputs = _functional_inputs(path)
     if fn is _unpadded:
         inputs = [inputs[0], inputs[1], inputs[4]]
@@ -318,8 +410,12 @@ def test_compiled_functional_ops(path, fn):
     outs_c, grads_c = _value_and_grads(torch.compile(fn, fullgraph=True, backend=counter), inputs)
     outs_e, grads_e = _value_and_grads(fn, inputs)
     assert counter.frame_count == 1
-    for a, b in zip(outs_c + grads_c, outs_e + grads_e):
-        assert_close(a, b, F32, "layer")
+    outs_r, grads_r = _value_and_grads(ref_fn, [t.cpu() for t in inputs], torch.float64)
+    assert len(outs_c) == len(outs_r) and len(grads_c) == len(grads_r)
+    # a chain of fp32 products and permutes: the "layer" entry
+    for got in (outs_c + grads_c, outs_e + grads_e):
+        for i, (a, b) in enumerate(zip(got, outs_r + grads_r)):
+            assert_close(a, b, F32, "layer", msg=f"output/gradient {i}")
 
 
 def test_compiled_route_checks_expert_ids():
@@ -332,7 +428,10 @@ def test_compiled_route_checks_expert_ids():
 def test_make_topology_takes_a_known_padded_tokens():
     r = route(torch.tensor([[0], [0], [2]]), 3, 16)
     topo = make_topology(r.padded_bins, 3, 32, 16, padded_tokens=32)
-    assert topo.shape == (32, 96) and topo.nnz == 4
+    want = reference.topology_reference([16, 16, 32], 3, 32, 16)  # experts 0 and 2: one block row each
+    assert topo.shape == want["shape"] == (32, 96) and topo.nnz == 4
+    for name in reference.TOPOLOGY_FIELDS:
+        assert torch.equal(getattr(topo, name), want[name]), name
     with pytest.raises(ValueError, match=r"padded_tokens=48 but padded_bins\[-1\] = 32"):
         make_topology(r.padded_bins, 3, 32, 16, padded_tokens=48)
     with pytest.raises(ValueError, match="must be a non-negative multiple of block_size"):

@@ -8,7 +8,8 @@ given the layer's own expert choice (``aux.expert_indices``) so a near-tie in th
 cannot flip between dtypes; the routing weights are still recomputed in float64.
 
 The CPU path runs the broad grid (fp32 and fp64); the interpreted Triton kernels run a few
-tiny cases in fp32/fp16/bf16 (the interpreter is slow).
+tiny cases in fp32/fp16/bf16 (the interpreter is slow), some with several block rows per
+expert and every activation.
 """
 
 import copy
@@ -18,12 +19,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import blocksparse_moe as bm
 from blocksparse_moe import backend, reference
 import blocksparse_moe as bm
 from blocksparse_moe.moe import DenseMLP, DroplessMoE, MoEAux
 from blocksparse_moe.ops.experts import expert_mlp
 from blocksparse_moe.routing import route
 from tolerances import assert_close
+
+DenseMLP, DroplessMoE, MoEAux, expert_mlp, route = bm.DenseMLP, bm.DroplessMoE, bm.MoEAux, bm.expert_mlp, bm.route
+
+
+def _layer_ops_module():
+    """The ``ops`` namespace moe.py calls (to spy on padded_gather). PRIVATE HOOK, the only
+    one in this file: repoint it when moe.py's imports move (issue 10)."""
+    import blocksparse_moe.moe as moe_mod
+
+    return moe_mod.ops
 
 LB_COEF, Z_COEF = 0.01, 0.001
 
@@ -258,6 +270,36 @@ def test_layer_matches_reference_both_paths(path, dtype, cfg):
     layer = make_layer(hidden=hidden, dtype=dtype, device=path, **cfg)
     x = torch.randn(13, hidden, generator=torch.Generator().manual_seed(3)).to(dtype).to(path)
     check_parity(layer, x, dtype, msg=f"{path} {dtype}")
+
+
+# Several block rows per expert (T*k/E = 20 or 24 slots per expert with b = 16, forced
+# round-robin so each expert gets them) and two block columns per expert (F = 2b): only then
+# is block_offsets_t not the identity and a block column of S^T longer than one block, which
+# the layer's backward (dW2 = S^T dY, the sdd's dW1) reads. Each non-silu activation once.
+# Mutations caught (tried on the interpreter): the transposed DSD reading data[i] instead of
+# data[block_offsets_t[i]] (every case: the weight gradients); a wrong gelu_tanh derivative
+# (the gelu_tanh case: d x and the weight gradients).
+MULTI_ROW_CASES = [
+    pytest.param(torch.float32, 40, dict(experts=2, top_k=1, block_size=16, ffn=32, hidden=16,
+                                         activation="gelu_tanh"), id="fp32-glu-gelu_tanh-E2-k1-2-rows"),
+    pytest.param(torch.bfloat16, 30, dict(experts=3, top_k=2, block_size=16, ffn=32, hidden=16, glu=False,
+                                          bias=True, activation="gelu"), id="bf16-mlp-bias-gelu-E3-k2-2-rows"),
+    pytest.param(torch.float16, 24, dict(experts=2, top_k=2, block_size=16, ffn=32, hidden=16,
+                                         activation="relu"), id="fp16-glu-relu-k-equals-E-2-rows"),
+]
+
+
+@pytest.mark.parametrize("dtype,tokens,cfg", MULTI_ROW_CASES)
+def test_layer_several_block_rows_per_expert_both_paths(path, dtype, tokens, cfg):
+    cfg = dict(cfg)
+    hidden = cfg.pop("hidden")
+    e, k = cfg["experts"], cfg["top_k"]
+    ids = (torch.arange(tokens * k) % e).reshape(tokens, k)  # distinct experts within a token
+    counts = torch.bincount(ids.reshape(-1), minlength=e)
+    assert int(counts.min()) > cfg["block_size"]  # every expert spans at least two block rows
+    layer = make_layer(hidden=hidden, dtype=dtype, device=path, **cfg)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(5)).to(dtype).to(path)
+    check_parity(layer, x, dtype, expert_indices=ids.to(path), msg=f"{path} {dtype}")
 
 
 # -- errors ----------------------------------------------------------------------------------
