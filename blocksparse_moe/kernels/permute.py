@@ -123,7 +123,9 @@ def _num_warps(block_h: int) -> int:
 
 
 def _check_data(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+    # An empty tensor is never addressed: its strides (0 for the gradient of an empty .sum())
+    # do not matter.
+    if t.dim() != 2 or (t.numel() and t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"permute: {name} must be 2-D with unit stride along H, "
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
     if t.dtype not in _DTYPES:
