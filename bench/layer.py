@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 try:  # the installed package (with its built _C) if there is one, else this checkout
-    import blocksparse_moe  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -71,46 +70,14 @@ GPU_SHAPES = [
 
 # -- THE call timed for blocksparse_moe ---------------------------------------------------------
 
-class _CPUExperts(torch.autograd.Function):
-    """Bench-local stand-in for the ops layer's expert path on CPU tensors: the protocol's
-    CPU back end (``blocksparse_moe/cpu/experts.py``) with autograd, nothing else."""
-
-    @staticmethod
-    def forward(ctx, x, expert_indices, weights, w1, w2, cfg):
-        from blocksparse_moe.cpu import experts
-
-        out, saved = experts.experts_forward(x, expert_indices, weights, w1, w2, None, None, **cfg)
-        ctx.save_for_backward(x, expert_indices, weights, w1, w2, *saved)
-        ctx.cfg = cfg
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from blocksparse_moe.cpu import experts
-
-        x, expert_indices, weights, w1, w2, *saved = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, dweights, dw1, dw2, _, _ = experts.experts_backward(
-            dout, saved, x, expert_indices, weights, w1, w2, None, None, **ctx.cfg,
-            needs_input_grad=(n[0], n[2], n[3], n[4], False, False))
-        return dx, None, dweights, dw1, dw2, None
-
-
 def expert_path(x: torch.Tensor, expert_indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, *, block_size: int, act: str = "silu", glu: bool = True) -> torch.Tensor:
-    """blocksparse_moe's expert path, the only place this script calls the package for it.
+    """blocksparse_moe's expert path (the public fused ``expert_mlp``), the only place this
+    script calls the package for it. The benchmark's ids are made in range: no check."""
+    from blocksparse_moe import expert_mlp
 
-    Until the ops layer's public fused ``expert_mlp(x, expert_indices, ...)`` is merged: on
-    CPU tensors the protocol's CPU back end through a bench-local autograd Function, on
-    CUDA the public ``expert_mlp`` over ``route()`` (the block-sparse products).
-    """
-    if x.device.type == "cpu":
-        cfg = dict(num_experts=w1.shape[0], act=act, glu=glu, block_size=block_size)
-        return _CPUExperts.apply(x, expert_indices, weights, w1, w2, cfg)
-    from blocksparse_moe import expert_mlp, route
-
-    routing = route(expert_indices, w1.shape[0], block_size, ffn_hidden_size=w2.shape[1] * (2 if glu else 1))
-    return expert_mlp(x, routing, weights, w1, w2, activation=act, glu=glu)
+    return expert_mlp(x, expert_indices, weights, w1, w2, activation=act, glu=glu, block_size=block_size,
+                      check_indices=False)
 
 
 # -- one case: the same module, routing and inputs for every implementation ---------------------

@@ -143,7 +143,7 @@ def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str) -> D
     return {**sizes, "num_warps": warps, "num_stages": stages}
 
 
-def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *,
+def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *, min_warps: int = 1,
                  dtype: torch.dtype = torch.bfloat16, tf32: bool = False,
                  capability: Optional[Tuple[int, int]] = None) -> List[Dict[str, int]]:
     """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b.
@@ -160,6 +160,7 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
     out: List[Dict[str, int]] = []
     for cfg in _CONFIGS[(target_family(capability), operand_class(dtype, tf32))]:
         c = _clip(cfg, block_size, split)
+        c["num_warps"] = max(c["num_warps"], min_warps)
         if c not in out:  # clipping to a small b makes several entries equal
             out.append(c)
     return out
@@ -186,6 +187,9 @@ class Tiles:
     block_size: int
     dtype: torch.dtype
     key: tuple = ()
+    # Kernels whose epilogue holds several fp32 tiles at once (the fused expert path) ask
+    # for at least this many warps: the same tile over more threads, fewer registers each.
+    min_warps: int = 1
 
     def constexprs(self) -> Dict[str, object]:
         """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
@@ -198,7 +202,8 @@ class Tiles:
         out = []
         for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
             precision = "tf32" if tf32 else "ieee"
-            for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability):
+            for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability,
+                                    min_warps=self.min_warps):
                 out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
 
@@ -209,7 +214,8 @@ _TUNED: Dict[tuple, object] = {}
 def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple[Callable, Dict[str, int]]:
     """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
     launch's key over the target's candidates (built on first use, then reused)."""
-    configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32")
+    configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
+                           min_warps=tiles.min_warps)
     if len(configs) == 1:
         return kernel, dict(configs[0])
     cache_key = (kernel, torch.cuda.get_device_capability(device), tiles, precision)

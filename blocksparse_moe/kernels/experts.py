@@ -377,7 +377,8 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 # -- launchers ------------------------------------------------------------------------------
 
-def _tiles(name: str, block_size: int, split: str, dtype: torch.dtype, *sizes, max_tile: int = 128):
+def _tiles(name: str, block_size: int, split: str, dtype: torch.dtype, *sizes, max_tile: int = 128,
+           min_warps: int = 1):
     """The launch plan of one kernel use: its autotune key is the use's name and size buckets.
 
     ``max_tile`` caps the ``split`` tile sizes below ``b`` (it is passed as the block size,
@@ -385,9 +386,11 @@ def _tiles(name: str, block_size: int, split: str, dtype: torch.dtype, *sizes, m
     activation-backward kernels use 64: their epilogues hold four to five fp32 tiles at
     once (two accumulators, or acc, g, u, act, act'), which spill past 255 registers on
     sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64 on 4).
+    ``min_warps=8`` for the activation-backward kernel and the down kernel with the GLU on
+    its load: at 4 warps they still spill on sm_80/sm_100 and in fp32 (the compile test).
     """
     key = (name, *(_common.bucket(n) for n in sizes))
-    return _common.Tiles(split, min(block_size, max_tile), dtype, key=key)
+    return _common.Tiles(split, min(block_size, max_tile), dtype, key=key, min_warps=min_warps)
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -482,7 +485,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         hidden_size, ffn, top_k, num_experts,
         hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
-        device=device, tiles=_tiles("down-act", block_size, "mk", dtype, hidden_size, ffn),
+        device=device, tiles=_tiles("down-act", block_size, "mk", dtype, hidden_size, ffn, min_warps=8),
         BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code,
         GLU=glu)
     if top_k > 1:
@@ -552,7 +555,8 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             a.stride(0), a.stride(1), *_strides2(part_arg),
             BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
             DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh,
-            device=device, tiles=_tiles("act-bwd", block_size, "mn", dtype, hidden_size, ffn, max_tile=64))
+            device=device, tiles=_tiles("act-bwd", block_size, "mn", dtype, hidden_size, ffn, max_tile=64,
+                                                 min_warps=8))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
         dw, db = (dw2 if dw2 is not None else w2), db2
         _common.launch(
