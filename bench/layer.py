@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 try:  # the installed package (with its built _C) if there is one, else this checkout
+    import blocksparse_moe  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
