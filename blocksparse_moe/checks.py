@@ -146,6 +146,17 @@ def check_float(owner: str, name: str, value, *, low: float = -math.inf, high: f
     return v
 
 
+def top_k_weights(op: str, weights, data_name: str, data: torch.Tensor, tokens: int, top_k: int) -> None:
+    """Router weights ``[T, k]``, None, or a tensor in the data's dtype or float32 on its device."""
+    if weights is None:
+        return
+    tensor(op, "weights", weights)
+    if weights.dtype not in (data.dtype, torch.float32):
+        raise TypeError(f"{op}: weights must have {data_name}'s dtype ({data.dtype}) or float32, got {weights.dtype}")
+    same_device(op, ((data_name, data), ("weights", weights)))
+    shape(op, "weights", weights, (tokens, top_k), "[T, k]")
+
+
 def choice(op: str, name: str, v, options: Sequence) -> None:
     """``v`` is one of ``options``."""
     if v not in options:

@@ -217,12 +217,7 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
     check_block_size(block_size, f"{op}: block_size")
     if ffn % block_size:
         raise ValueError(f"{op}: F = {ffn} (w2 {tuple(w2.shape)}) must be a multiple of block_size {block_size}")
-    if weights is not None:
-        checks.tensor(op, "weights", weights)
-        if weights.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{op}: weights must have x's dtype ({x.dtype}) or float32, got {weights.dtype}")
-        checks.same_device(op, (("x", x), ("weights", weights)))
-        checks.shape(op, "weights", weights, (tokens, k), "[T, k]")
+    checks.top_k_weights(op, weights, "x", x, tokens, k)
     if check_indices and not isinstance(expert_indices, Routing):
         ids = checked_expert_ids(op, ids, experts)
     else:

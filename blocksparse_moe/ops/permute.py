@@ -150,12 +150,7 @@ def _check_scatter_args(op: str, y, routing, weights, top_k, num_rows: int) -> N
     _check_routing(op, routing, top_k, y.device)
     if y.shape[0] != num_rows:
         raise ValueError(f"{op}: y must have {num_rows} rows for this routing, got shape {tuple(y.shape)}")
-    if weights is not None:
-        checks.tensor(op, "weights", weights)
-        if weights.dtype not in (y.dtype, torch.float32):
-            raise TypeError(f"{op}: weights must have y's dtype ({y.dtype}) or float32, got {weights.dtype}")
-        checks.same_device(op, (("y", y), ("weights", weights)))
-        checks.shape(op, "weights", weights, (routing.num_tokens, top_k), "[T, top_k]")
+    checks.top_k_weights(op, weights, "y", y, routing.num_tokens, top_k)
 
 
 def padded_gather(x: torch.Tensor, routing: Routing, top_k: int) -> torch.Tensor:
