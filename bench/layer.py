@@ -8,6 +8,9 @@ what users would otherwise pick, in the same run on the same weights, routing an
     hf-eager (loop)        transformers' own per-expert loop (MixtralExperts.forward)
     dense ceiling          T*k rows through ONE H->2F->H GLU MLP, plain torch autograd: the same
                            useful FLOPs with no routing at all
+    gemm floor             the six per-expert GEMMs alone (rows gathered and sorted beforehand,
+                           untimed; no activation, weighting or scatter): what any one-GEMM-per-
+                           expert implementation spends on this BLAS before doing anything else
     torch._grouped_mm      (GPU) a minimal sort -> grouped_mm -> GLU -> grouped_mm -> unsort
     liger / megablocks / scattermoe   (GPU) when installed; otherwise a row that says why
 
@@ -16,7 +19,8 @@ are a transformers ``MixtralExperts`` module's (``gate_up_proj [E, 2F, H]``, ``d
 [E, H, F]``); blocksparse_moe reads the same tensors in place (``w2 = down_proj^T`` view).
 
 Per shape and implementation: medians of forward and forward+backward (warm-up excluded;
-CUDA: ``triton.testing.do_bench``), useful TFLOP/s (GLU ``18*T*k*H*F`` per forward+backward,
+CUDA: ``triton.testing.do_bench``; CPU: the implementations take turns, one run each per
+round, so a machine that speeds up or slows down during the run shifts them all alike), useful TFLOP/s (GLU ``18*T*k*H*F`` per forward+backward,
 padding not counted), the ratios against transformers' grouped_mm and the dense ceiling,
 and the costs of one step (``blocksparse_moe.costs.measure_step``): bytes kept for backward
 per token (x and weights excluded), host syncs, fresh bytes; on a GPU the peak memory.
@@ -36,7 +40,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -160,6 +166,57 @@ def _dense(case: Case) -> Callable:
     return forward
 
 
+class _GemmFloor(torch.autograd.Function):
+    """The six GEMMs per expert of a GLU expert MLP and nothing else: h = x w1^T, y =
+    h[:, :F] w2 (h's first half stands in for the activation), dA = dy w2^T, dW2 = a^T dy,
+    dW1 = dh^T x, dx = dh w1 (h stands in for dh). Fresh gradient buffers, as autograd's."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2, sizes):
+        ffn = w2.shape[1]
+        h = xs.new_empty(xs.shape[0], w1.shape[1])
+        y = xs.new_empty(xs.shape[0], w2.shape[2])
+        r0 = 0
+        for e, n in enumerate(sizes):
+            torch.mm(xs[r0:r0 + n], w1[e].t(), out=h[r0:r0 + n])
+            torch.mm(h[r0:r0 + n, :ffn], w2[e], out=y[r0:r0 + n])
+            r0 += n
+        ctx.save_for_backward(xs, w1, w2, h)
+        ctx.sizes = sizes
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w2, h = ctx.saved_tensors
+        ffn = w2.shape[1]
+        dx, dw1, dw2 = torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
+        r0 = 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(r0, r0 + n)
+            torch.mm(dy[rows], w2[e].t())
+            torch.mm(h[rows, :ffn].t(), dy[rows], out=dw2[e])
+            torch.mm(h[rows].t(), xs[rows], out=dw1[e])
+            torch.mm(h[rows], w1[e], out=dx[rows])
+            r0 += n
+        return dx, dw1, dw2, None
+
+
+def _gemm_floor(case: Case) -> Callable:
+    """Per-expert GEMMs on rows sorted by expert beforehand (not timed, like the ceiling's)."""
+    s = case.shape
+    ids = case.expert_indices.reshape(-1)
+    order = torch.sort(ids, stable=True).indices
+    sizes = torch.bincount(ids, minlength=s.experts).tolist()
+    xs = case.x.index_select(0, order // s.top_k)
+    w1 = case.module.gate_up_proj
+    w2 = case.module.down_proj.transpose(1, 2)
+
+    def forward(x, w):
+        return _GemmFloor.apply(xs if x is case.x else xs.detach().requires_grad_(x.requires_grad), w1, w2, sizes)
+    forward.gout = torch.randn(xs.shape, generator=torch.Generator().manual_seed(2)).to(case.device, case.dtype)
+    return forward
+
+
 def _torch_grouped_mm(case: Case) -> Callable:
     if case.device.type != "cuda":
         raise RuntimeError("needs CUDA (on CPU, transformers' grouped_mm row is this)")
@@ -207,6 +264,7 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case], Callable]] = {
     "hf-batched_mm": _hf("batched_mm"),
     "hf-eager (loop)": _hf("eager"),
     "dense ceiling": _dense,
+    "gemm floor": _gemm_floor,
     "torch._grouped_mm": _torch_grouped_mm,
     "liger": _gpu_peer("liger_kernel"),
     "megablocks": _gpu_peer("megablocks"),
@@ -243,58 +301,113 @@ def _costs(case: Case, forward: Callable) -> Dict:
                 host_syncs=c.host_reads)
 
 
-def measure(name: str, case: Case, timing: Dict, budget_s: float) -> Dict:
+class _Timed:
+    """One implementation ready to time: its row, its two step functions and how its time
+    scales to the full batch (``scale`` > 1: timed on a smaller case, once)."""
+
+    def __init__(self, row: Dict, case: Case, forward: Callable, scale: float):
+        self.row, self.case, self.forward, self.scale = row, case, forward, scale
+        self.fwd, self.step = _steps(case, forward)
+        self.times: Dict[str, List[float]] = {"fwd": [], "step": []}
+
+
+def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Timed]]:
     s = case.shape
     row = dict(shape=s.name, config=s.describe(), dtype=str(case.dtype).replace("torch.", ""), impl=name)
     try:
         forward = IMPLEMENTATIONS[name](case)
+        if case.device.type == "cpu" and case.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision GEMMs may run in software here: a probe step on 1/8 of the tokens
+            # says whether the full batch fits the budget.
+            probe_tokens = max(s.tokens // 8, 1)
+            probe = case.smaller(probe_tokens)
+            probe_forward = IMPLEMENTATIONS[name](probe)
+            one = time_ms(_steps(probe, probe_forward)[1], case.device, min_runs=1, max_runs=1, budget_s=0.0)
+            if one * 8 > budget_s * 1e3:
+                return row, _Timed(row, probe, probe_forward, s.tokens / probe_tokens)
+        return row, _Timed(row, case, forward, 1.0)
     except Exception as exc:  # noqa: BLE001 - a peer that is missing, needs CUDA or does not fit
         row.update(status=f"skipped: {type(exc).__name__}: {exc}"[:200])
-        return row
-    scale, run_case = 1.0, case
-    if case.device.type == "cpu" and case.dtype in (torch.float16, torch.bfloat16):
-        # Half-precision GEMMs may run in software here: a probe step on 1/8 of the tokens
-        # says whether the full batch fits the budget.
-        probe_tokens = max(s.tokens // 8, 1)
-        probe = case.smaller(probe_tokens)
-        _, probe_step = _steps(probe, IMPLEMENTATIONS[name](probe))
-        one = time_ms(probe_step, case.device, min_runs=1, max_runs=1, budget_s=0.0)
-        if one * 8 > budget_s * 1e3:
-            scale, run_case = s.tokens / probe_tokens, probe
-            forward = IMPLEMENTATIONS[name](probe)
-            timing = dict(min_runs=1, max_runs=1, budget_s=0.0)  # ~100x slower: one run says enough
+        return row, None
+
+
+def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
+    """Fill every ``t.times``. CUDA: each alone (``do_bench``). CPU: in rounds, one forward
+    and one step of each implementation per round (a scaled one only in the first round),
+    until every implementation has ``min_runs`` and the budget or ``max_runs`` is reached."""
+    if device.type == "cuda":
+        for t in timed:
+            t.times = {k: [time_ms(getattr(t, k), device)] for k in ("fwd", "step")}
+        return
+    for t in timed:  # warm-up
+        t.fwd()
+        t.step()
+    deadline = time.perf_counter() + timing["budget_s"] * len(timed)
+    rounds = 0
+    while rounds < timing["min_runs"] or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
+        for t in timed:
+            if t.scale != 1.0 and rounds:
+                continue
+            for k in ("fwd", "step"):
+                t0 = time.perf_counter()
+                getattr(t, k)()
+                t.times[k].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+
+
+def _finish(t: _Timed) -> None:
+    s, row = t.case.shape, t.row
+    full = replace(s, tokens=round(s.tokens * t.scale))
+    fwd_ms = statistics.median(t.times["fwd"]) * t.scale
+    step_ms = statistics.median(t.times["step"]) * t.scale
     try:
-        fwd, step = _steps(run_case, forward)
-        fwd_ms = time_ms(fwd, case.device, **timing) * scale
-        step_ms = time_ms(step, case.device, **timing) * scale
-        row.update(_costs(run_case, forward))
-        if case.device.type == "cuda":
-            row["peak_gib"] = peak_memory(case.device, step)
+        row.update(_costs(t.case, t.forward))
+        if t.case.device.type == "cuda":
+            row["peak_gib"] = peak_memory(t.case.device, t.step)
     except Exception as exc:  # noqa: BLE001
         row.update(status=f"failed: {type(exc).__name__}: {exc}"[:200])
-        return row
-    row.update(status="ok" if scale == 1.0 else f"ok, timed on T={run_case.shape.tokens}, x{scale:g}",
-               forward_ms=fwd_ms, step_ms=step_ms, forward_tflops=s.useful_flops(False) / fwd_ms / 1e9,
-               step_tflops=s.useful_flops(True) / step_ms / 1e9)
-    synchronize(case.device)
-    return row
+        return
+    row.update(status="ok" if t.scale == 1.0 else f"ok, timed on T={s.tokens}, x{t.scale:g}",
+               forward_ms=fwd_ms, step_ms=step_ms, runs=len(t.times["step"]),
+               forward_tflops=full.useful_flops(False) / fwd_ms / 1e9,
+               step_tflops=full.useful_flops(True) / step_ms / 1e9)
 
 
 def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, timing: Dict, budget_s: float,
                 only: Optional[List[str]] = None) -> List[Dict]:
     case = Case(shape, dtype, device)
-    rows = []
+    rows, timed = [], []
     for name in IMPLEMENTATIONS:
         if only and name not in only:
             continue
         print(f"  {shape.name} {name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(name, case, timing, budget_s))
+        row, t = prepare(name, case, budget_s)
+        rows.append(row)
+        if t is not None:
+            timed.append(t)
+    try:
+        _time_all(timed, device, timing)
+    except Exception as exc:  # noqa: BLE001 - one failing implementation: time the others alone
+        print(f"  interleaved timing failed ({exc}); timing one by one", file=sys.stderr)
+        for t in timed:
+            try:
+                _time_all([t], device, timing)
+            except Exception as e:  # noqa: BLE001
+                t.row.update(status=f"failed: {type(e).__name__}: {e}"[:200])
+    for t in timed:
+        if "status" not in t.row:
+            _finish(t)
+    synchronize(device)
     for base_name, key in (("hf-grouped_mm", "vs_grouped_mm"), ("dense ceiling", "vs_ceiling")):
         base = next((r for r in rows if r["impl"] == base_name and "step_ms" in r), None)
-        for r in rows:
+        base_t = next((t for t in timed if t.row is base), None)
+        for r, t in ((t.row, t) for t in timed):
             if base and "step_ms" in r:
                 r[key] = base["step_ms"] / r["step_ms"]
                 r["fwd_" + key] = base["forward_ms"] / r["forward_ms"]
+                if base_t.scale == t.scale == 1.0:  # the same rounds: the spread of the per-round ratios
+                    per_round = [b / m for b, m in zip(base_t.times["step"], t.times["step"])]
+                    r[key + "_rounds"] = [min(per_round), statistics.median(per_round), max(per_round)]
     return rows
 
 
@@ -324,12 +437,24 @@ def _markdown(rows: List[Dict], meta: Dict) -> str:
              "work only (GLU 18*T*k*H*F per forward+backward). `x grouped_mm` / `x ceiling`: forward+backward "
              "speed relative to transformers' grouped_mm experts and to the dense ceiling (>1 = faster). "
              "kept B/token: bytes saved for backward per token (x and weights excluded); syncs: host reads "
-             "of device data per step; fresh MB: bytes of new tensors in one step.", "",
+             "of device data per step; fresh MB: bytes of new tensors in one step. `gemm floor`: the "
+             "per-expert GEMMs alone on pre-sorted rows (what a one-GEMM-per-expert design spends before "
+             "any routing work).", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     configs = {}
     for r in rows:
         lines.append("| " + " | ".join(_cells(r)) + " |")
         configs[r["shape"]] = r["config"]
+    spread = [r for r in rows if r.get("vs_ceiling_rounds") and r["impl"] != "dense ceiling"]
+    if spread:
+        lines += ["", "Forward+backward ratios per round (the implementations take turns; min / median / max "
+                  "over the rounds):", ""]
+        for r in spread:
+            parts = [f"{key[3:-7].replace('_', ' ')} {lo:.2f} / {mid:.2f} / {hi:.2f}"
+                     for key in ("vs_grouped_mm_rounds", "vs_ceiling_rounds")
+                     if r.get(key) and not (key == "vs_grouped_mm_rounds" and r["impl"] == "hf-grouped_mm")
+                     for lo, mid, hi in [r[key]]]
+            lines.append(f"- {r['shape']} {r['impl']}: " + "; ".join(parts))
     lines += ["", "Shapes:"] + [f"- `{k}`: {v}" for k, v in configs.items()]
     return "\n".join(lines) + "\n"
 
@@ -343,8 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--impls", nargs="*", default=None, help=f"only these of {list(IMPLEMENTATIONS)}")
     p.add_argument("--budget", type=float, default=60.0, help="seconds one step may take before it is "
                    "timed on fewer tokens and scaled (CPU)")
-    p.add_argument("--runs", type=int, default=None, help="timing runs per measurement (default: up to 30 "
-                   "within 2 s, at least 5)")
+    p.add_argument("--runs", type=int, default=None, help="timing rounds (default: at least 7, up to 30 "
+                   "while each implementation has had under 2 s)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     device = check_device(p, args.device)
@@ -360,7 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"unknown implementations {sorted(set(args.impls) - set(IMPLEMENTATIONS))}")
     if args.quick:
         shapes = [replace(s, tokens=max(1, s.tokens // 8)) for s in shapes]
-    timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else {}
+    timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else dict(min_runs=7, max_runs=30,
+                                                                                  budget_s=2.0)
     if args.runs:
         timing = dict(min_runs=args.runs, max_runs=args.runs, budget_s=0.0)
     import transformers

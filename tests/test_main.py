@@ -72,7 +72,8 @@ def test_layer_benchmark_writes_results(tmp_path, monkeypatch):
     assert [f.rsplit(".", 1)[1] for f in files][:2] == ["json", "md"] and files[0].startswith("layer-cpu")
     rows = json.loads((tmp_path / files[0]).read_text())["rows"]
     by_impl = {r["impl"]: r for r in rows}
-    for name in ("blocksparse_moe", "hf-grouped_mm", "hf-batched_mm", "hf-eager (loop)", "dense ceiling"):
+    for name in ("blocksparse_moe", "hf-grouped_mm", "hf-batched_mm", "hf-eager (loop)", "dense ceiling",
+                 "gemm floor"):
         assert by_impl[name]["status"] == "ok", (name, by_impl[name]["status"])
         assert by_impl[name]["step_tflops"] > 0 and by_impl[name]["vs_ceiling"] > 0
     # Peers that need a GPU or are not installed are rows that say why.
