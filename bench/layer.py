@@ -309,6 +309,7 @@ class _Timed:
         self.row, self.case, self.forward, self.scale = row, case, forward, scale
         self.fwd, self.step = _steps(case, forward)
         self.times: Dict[str, List[float]] = {"fwd": [], "step": []}
+        self.group = -1  # implementations timed in the same rounds share a group
 
 
 def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Timed]]:
@@ -334,25 +335,36 @@ def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Tim
 def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
     """Fill every ``t.times``. CUDA: each alone (``do_bench``). CPU: in rounds, one forward
     and one step of each implementation per round (a scaled one only in the first round),
-    until every implementation has ``min_runs`` and the budget or ``max_runs`` is reached."""
+    until every implementation has ``min_runs`` and the budget or ``max_runs`` is reached.
+    An implementation whose warm-up step took over 3x the fastest one's is timed on its
+    own afterwards: in turn, each of its runs would take as long as a whole round of the
+    others and leave the caches and the allocator to them in its state."""
     if device.type == "cuda":
         for t in timed:
             t.times = {k: [time_ms(getattr(t, k), device)] for k in ("fwd", "step")}
         return
-    for t in timed:  # warm-up
+    warm = {}
+    for t in timed:
         t.fwd()
+        t0 = time.perf_counter()
         t.step()
-    deadline = time.perf_counter() + timing["budget_s"] * len(timed)
-    rounds = 0
-    while rounds < timing["min_runs"] or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
-        for t in timed:
-            if t.scale != 1.0 and rounds:
-                continue
-            for k in ("fwd", "step"):
-                t0 = time.perf_counter()
-                getattr(t, k)()
-                t.times[k].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
+        warm[id(t)] = (time.perf_counter() - t0) / t.scale
+    fastest = min(warm.values(), default=0.0)
+    together = [t for t in timed if warm[id(t)] <= 3 * fastest]
+    for i, group in enumerate([together] + [[t] for t in timed if t not in together]):
+        for t in group:
+            t.group = i
+        deadline = time.perf_counter() + timing["budget_s"] * len(group)
+        rounds = 0
+        while rounds < timing["min_runs"] or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
+            for t in group:
+                if t.scale != 1.0 and rounds:
+                    continue
+                for k in ("fwd", "step"):
+                    t0 = time.perf_counter()
+                    getattr(t, k)()
+                    t.times[k].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
 
 
 def _finish(t: _Timed) -> None:
@@ -405,7 +417,7 @@ def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, tim
             if base and "step_ms" in r:
                 r[key] = base["step_ms"] / r["step_ms"]
                 r["fwd_" + key] = base["forward_ms"] / r["forward_ms"]
-                if base_t.scale == t.scale == 1.0:  # the same rounds: the spread of the per-round ratios
+                if base_t.group == t.group >= 0 and t.scale == 1.0:  # the same rounds: their spread
                     per_round = [b / m for b, m in zip(base_t.times["step"], t.times["step"])]
                     r[key + "_rounds"] = [min(per_round), statistics.median(per_round), max(per_round)]
     return rows
@@ -468,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--impls", nargs="*", default=None, help=f"only these of {list(IMPLEMENTATIONS)}")
     p.add_argument("--budget", type=float, default=60.0, help="seconds one step may take before it is "
                    "timed on fewer tokens and scaled (CPU)")
-    p.add_argument("--runs", type=int, default=None, help="timing rounds (default: at least 7, up to 30 "
+    p.add_argument("--runs", type=int, default=None, help="timing rounds (default: at least 11, up to 30 "
                    "while each implementation has had under 2 s)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -485,7 +497,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"unknown implementations {sorted(set(args.impls) - set(IMPLEMENTATIONS))}")
     if args.quick:
         shapes = [replace(s, tokens=max(1, s.tokens // 8)) for s in shapes]
-    timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else dict(min_runs=7, max_runs=30,
+    timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else dict(min_runs=11, max_runs=30,
                                                                                   budget_s=2.0)
     if args.runs:
         timing = dict(min_runs=args.runs, max_runs=args.runs, budget_s=0.0)
