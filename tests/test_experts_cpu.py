@@ -292,8 +292,10 @@ def test_rounded_once(dtype):
 
 
 @pytest.fixture
-def three_threads():
-    """BLAS and ATen on 3 threads: the path must not depend on how the GEMMs are split."""
+def three_threads(monkeypatch):
+    """BLAS and ATen on 3 threads, even for these small experts (which would otherwise run
+    on one): the results must not depend on how the GEMMs are split."""
+    monkeypatch.setattr(cpu_experts, "_PARALLEL_MIN_FLOPS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield
@@ -305,7 +307,27 @@ def three_threads():
 @pytest.mark.parametrize("glu", [True, False], ids=["glu", "plain"])
 def test_parity_threaded(three_threads, dtype, routing, glu):
     _check(_inputs(dtype, routing=routing, glu=glu, tokens=37, seed=13), act="gelu", glu=glu)
-    assert torch.get_num_threads() == 3, "the path leaves torch's thread count alone"
+    assert torch.get_num_threads() == 3, "the path leaves torch's thread count as it found it"
+
+
+def test_small_experts_run_on_one_thread(monkeypatch):
+    """A small call runs on one thread and restores the caller's setting after."""
+    seen = []
+    real_mm = torch.mm
+
+    def mm(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_mm(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch, "mm", mm)
+        _run(_inputs(torch.float32, routing="uniform", seed=15), "silu", True)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_threaded_deterministic(three_threads):

@@ -43,7 +43,8 @@ atomics): two runs are bitwise equal.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -93,6 +94,29 @@ def _ranges(sizes: List[int]):
         start += n
 
 
+# An expert GEMM under this many FLOPs (on average) runs the whole call on one thread.
+# Measured on the 2-core CI machine while another process kept a core busy: a 12x16x64
+# GEMM took 15 ms on two threads (each parallel region waits for the descheduled one) and
+# 5 us on one; small layers (tests, laptops) gain nothing from threads anyway.
+_PARALLEL_MIN_FLOPS = 1 << 24
+
+
+@contextlib.contextmanager
+def _threads(slots: int, sizes: List[int], hidden: int, width: int) -> Iterator[None]:
+    """One thread while the call runs when its average expert GEMM is small; torch's
+    setting otherwise (restored after)."""
+    threads = torch.get_num_threads()
+    active = max(sum(n > 0 for n in sizes), 1)
+    if threads == 1 or 2.0 * slots * hidden * width >= _PARALLEL_MIN_FLOPS * active:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _activate(h: Tensor, ffn: int, glu: bool, code: int) -> Tensor:
     """``act(h[:, :F]) * h[:, F:]`` (glu) or ``act(h)``: two passes (one plain)."""
     a = _act_into(h[:, :ffn] if glu else h, code, None)
@@ -120,26 +144,28 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
     xc = x.to(cdt)  # half inputs converted once, not per expert
     token = order // k
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
-    for e, r0, r1 in _ranges(counts.tolist()):
-        rows = token[r0:r1]
-        xs = xc.index_select(0, rows)
-        he = h[r0:r1] if h.dtype == cdt else torch.empty((r1 - r0, width), dtype=cdt, device=x.device)
-        if b1c is None:
-            torch.mm(xs, w1c[e].t(), out=he)
-        else:
-            torch.addmm(b1c[e], xs, w1c[e].t(), out=he)
-        if h.dtype != cdt:
-            h[r0:r1].copy_(he)  # the kept pre-activation, rounded once
-        ae = _activate(he, ffn, glu, code)
-        if ws is not None:
-            ae.mul_(ws[r0:r1])  # the routing weight, on the narrower side of the second GEMM
-        if b2c is None:
-            ye = torch.mm(ae, w2c[e])
-        elif ws is None:
-            ye = torch.addmm(b2c[e], ae, w2c[e])
-        else:
-            ye = torch.mm(ae, w2c[e]).addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
-        out.index_add_(0, rows, ye)
+    sizes = counts.tolist()
+    with _threads(order.numel(), sizes, hidden, width):
+        for e, r0, r1 in _ranges(sizes):
+            rows = token[r0:r1]
+            xs = xc.index_select(0, rows)
+            he = h[r0:r1] if h.dtype == cdt else torch.empty((r1 - r0, width), dtype=cdt, device=x.device)
+            if b1c is None:
+                torch.mm(xs, w1c[e].t(), out=he)
+            else:
+                torch.addmm(b1c[e], xs, w1c[e].t(), out=he)
+            if h.dtype != cdt:
+                h[r0:r1].copy_(he)  # the kept pre-activation, rounded once
+            ae = _activate(he, ffn, glu, code)
+            if ws is not None:
+                ae.mul_(ws[r0:r1])  # the routing weight, on the narrower side of the second GEMM
+            if b2c is None:
+                ye = torch.mm(ae, w2c[e])
+            elif ws is None:
+                ye = torch.addmm(b2c[e], ae, w2c[e])
+            else:
+                ye = torch.mm(ae, w2c[e]).addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
+            out.index_add_(0, rows, ye)
     return out.to(x.dtype), [h, order, counts]
 
 
@@ -186,41 +212,42 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
     doc = dout.to(cdt)  # any strides: only read through index_select
     xc = x.to(cdt) if need_w1 else None
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
-    for e, r0, r1 in _ranges(sizes):
-        rows = token[r0:r1]
-        dop = doc.index_select(0, rows)
-        he = h[r0:r1] if h.dtype == cdt else h[r0:r1].to(cdt)
-        g = he[:, :ffn] if glu else he
-        # dA = dout w2^T is dL/da before the routing weight; a is recomputed from h. The
-        # weight's gradient <dout, a w2 + b2> = <a, dA> + <dout, b2> needs no y.
-        da = torch.mm(dop, w2c[e].t())
-        act_g = _act_into(g, code, None)
-        ae = (act_g * he[:, ffn:] if glu else act_g) if need_w or need_w2 else None
-        if need_w:
-            torch.linalg.vecdot(ae, da, out=dws[r0:r1])
-            if b2c is not None:
-                dws[r0:r1].add_(dop @ b2c[e])
-        wse = None if ws is None else ws[r0:r1]
-        if need_w2:
-            _mm_into((ae if wse is None else ae.mul_(wse)).t(), dop, dw2[e])
-        if need_b2:
-            db2[e].copy_(dop.sum(0) if wse is None else wse[:, 0] @ dop)
-        if not need_dh:
-            continue
-        if wse is not None:
-            da.mul_(wse)
-        if glu:  # dh = [act'(g) u wdA | act(g) wdA]
-            dh = torch.empty((r1 - r0, width), dtype=cdt, device=dev)
-            torch.mul(da, act_g, out=dh[:, ffn:])
-            _act_backward_into(da.mul_(he[:, ffn:]), g, code, dh[:, :ffn])
-        else:
-            dh = _act_backward_into(da, g, code, da)
-        if need_w1:
-            _mm_into(dh.t(), xc.index_select(0, rows), dw1[e])
-        if need_b1:
-            db1[e].copy_(dh.sum(0))
-        if need_x:
-            dx.index_add_(0, rows, torch.mm(dh, w1c[e]))
+    with _threads(order.numel(), sizes, x.shape[1], width):
+        for e, r0, r1 in _ranges(sizes):
+            rows = token[r0:r1]
+            dop = doc.index_select(0, rows)
+            he = h[r0:r1] if h.dtype == cdt else h[r0:r1].to(cdt)
+            g = he[:, :ffn] if glu else he
+            # dA = dout w2^T is dL/da before the routing weight; a is recomputed from h. The
+            # weight's gradient <dout, a w2 + b2> = <a, dA> + <dout, b2> needs no y.
+            da = torch.mm(dop, w2c[e].t())
+            act_g = _act_into(g, code, None)
+            ae = (act_g * he[:, ffn:] if glu else act_g) if need_w or need_w2 else None
+            if need_w:
+                torch.linalg.vecdot(ae, da, out=dws[r0:r1])
+                if b2c is not None:
+                    dws[r0:r1].add_(dop @ b2c[e])
+            wse = None if ws is None else ws[r0:r1]
+            if need_w2:
+                _mm_into((ae if wse is None else ae.mul_(wse)).t(), dop, dw2[e])
+            if need_b2:
+                db2[e].copy_(dop.sum(0) if wse is None else wse[:, 0] @ dop)
+            if not need_dh:
+                continue
+            if wse is not None:
+                da.mul_(wse)
+            if glu:  # dh = [act'(g) u wdA | act(g) wdA]
+                dh = torch.empty((r1 - r0, width), dtype=cdt, device=dev)
+                torch.mul(da, act_g, out=dh[:, ffn:])
+                _act_backward_into(da.mul_(he[:, ffn:]), g, code, dh[:, :ffn])
+            else:
+                dh = _act_backward_into(da, g, code, da)
+            if need_w1:
+                _mm_into(dh.t(), xc.index_select(0, rows), dw1[e])
+            if need_b1:
+                db1[e].copy_(dh.sum(0))
+            if need_x:
+                dx.index_add_(0, rows, torch.mm(dh, w1c[e]))
     dweights = None
     if need_w:
         dweights = torch.empty(order.numel(), dtype=weights.dtype, device=dev)
