@@ -6,12 +6,14 @@ GPU, scaled down on a CPU) this
 1. checks the layer against the dense float64 reference (``reference.py``) on this device:
    the output and every gradient (input, router, experts, biases, shared expert), within
    the tolerance table of the layer's dtype (tests/tolerances.py);
-2. times forward and forward+backward (medians, warm-up excluded);
+2. times forward and forward+backward (medians, warm-up excluded), and what users would
+   otherwise run around the same router (``peers.py``);
 3. prints a table: tokens/s, useful TFLOP/s (GLU ``18*T*k*H*F`` per forward+backward, plain
-   MLP ``12*T*k*H*F``; padding not counted), the output's max error, peak memory (CUDA).
+   MLP ``12*T*k*H*F``; padding not counted), the layer's speedup over each peer, the
+   output's max error, peak memory (CUDA).
 
-Exits 1 if any check fails. On a CPU it runs the torch CPU path (never the Triton
-interpreter, which is for tests), in float32 by default.
+Exits 1 if a check fails or a peer's output differs from the layer's. On a CPU it runs the
+torch CPU path (never the Triton interpreter, which is for tests), in float32 by default.
 
     python -m blocksparse_moe [--quick] [--dtype bf16] [--device cuda] [--json out.json]
 """
@@ -309,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import backend
     from .native import native_status
+    from .peers import compare_peers
 
     device = args.device  # checked by _parse
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -332,29 +335,38 @@ def run(args: argparse.Namespace) -> int:
             layer = build_layer(shape, dtype, device)
             x = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(2)).to(device, dtype)
             res = check_layer(layer, x[:check_tokens] if check_tokens else x, tol)
-            bar.set_postfix_str(f"{shape.name}: time")
+            bar.set_postfix_str(f"{shape.name}: time (and peers)")
 
             def forward(inp, layer=layer):
                 return layer(inp)[0]
 
             fwd_ms, step_ms = time_layer(layer, x, forward, device, **timing)
             peak = peak_memory(device, lambda: forward(x.detach().requires_grad_(True)).backward(torch.ones_like(x)))
-            rows.append(dict(
-                shape=shape.name, config=shape.describe(), device=label, dtype=str(dtype).replace("torch.", ""),
-                tokens=shape.tokens, forward_ms=fwd_ms, step_ms=step_ms,
-                tokens_per_s=shape.tokens / (step_ms * 1e-3),
-                tflops=shape.useful_flops(backward=True) / (step_ms * 1e-3) / 1e12,
-                forward_tflops=shape.useful_flops(backward=False) / (fwd_ms * 1e-3) / 1e12,
-                max_abs_err=res["max_abs_err"], worst_tol_ratio=res["worst_ratio"], worst_tensor=res["worst"],
-                check="ok" if res["ok"] else "FAIL", peak_gib=peak,
-            ))
+            base = dict(shape=shape.name, config=shape.describe(), device=label, dtype=str(dtype).replace("torch.", ""),
+                        tokens=shape.tokens)
+
+            def timed(fwd_ms, step_ms, **extra):
+                return dict(base, **extra, forward_ms=fwd_ms, step_ms=step_ms,
+                            tokens_per_s=shape.tokens / step_ms * 1e3, tflops=shape.useful_flops(True) / step_ms / 1e9,
+                            forward_tflops=shape.useful_flops(False) / fwd_ms / 1e9)
+            rows.append(timed(fwd_ms, step_ms, impl="blocksparse_moe", max_abs_err=res["max_abs_err"],
+                              worst_tol_ratio=res["worst_ratio"], worst_tensor=res["worst"],
+                              check="ok" if res["ok"] else "FAIL", peak_gib=peak))
+            # Peers around the same router: the same output as ours, or a row that says why not.
+            for name, res in compare_peers(layer, x, *tol[("layer", dtype)],
+                                           lambda peer, layer=layer: time_layer(layer, x, peer, device, **timing)):
+                t = res.get("times")
+                rows.append(timed(*t, impl=name, ours_speedup=t[1] / step_ms, check=res["check"]) if t
+                            else dict(base, impl=name, check=res["check"]))
             del layer
 
-    header = ("shape", "device", "dtype", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "max err", "err/tol",
-              "peak GiB", "check")
-    table = [header] + [(r["shape"], r["device"], r["dtype"], _fmt(r["forward_ms"], ".2f"), _fmt(r["step_ms"], ".2f"),
-                         _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tflops"], ".3f"), _fmt(r["max_abs_err"], ".2e"),
-                         _fmt(r["worst_tol_ratio"], ".2f"), _fmt(r["peak_gib"], ".2f"), r["check"]) for r in rows]
+    header = ("shape", "impl", "device", "dtype", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "ours x",
+              "max err", "err/tol", "peak GiB", "check")
+    table = [header] + [(r["shape"], r["impl"], r["device"], r["dtype"], _fmt(r.get("forward_ms"), ".2f"),
+                         _fmt(r.get("step_ms"), ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"),
+                         _fmt(r.get("tflops"), ".3f"), _fmt(r.get("ours_speedup"), ".2f"),
+                         _fmt(r.get("max_abs_err"), ".2e"), _fmt(r.get("worst_tol_ratio"), ".2f"),
+                         _fmt(r.get("peak_gib"), ".2f"), r["check"]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     print()
     for i, row in enumerate(table):
@@ -362,17 +374,17 @@ def run(args: argparse.Namespace) -> int:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("\nTFLOP/s: useful FLOPs of forward+backward (GLU 18*T*k*H*F, MLP 12*T*k*H*F, + shared expert), "
-          "padding not counted. err/tol: worst |error| / tolerance over the output and every gradient.")
-    for r in rows:
-        if r["check"] != "ok":
-            print(f"FAILED: {r['shape']}: {r['worst_tensor']} off by {r['worst_tol_ratio']:.2f}x the tolerance",
-                  file=sys.stderr)
+          "padding not counted. ours x: this row's fwd+bwd time / blocksparse_moe's (> 1: ours is faster). "
+          "err/tol: worst |error| / tolerance over the output and every gradient.")
+    for r in (r for r in rows if r["check"] in ("FAIL", "DIFFERS")):
+        print(f"FAILED: {r['shape']}: " + (f"{r['impl']}'s output differs from the layer's" if r["check"] == "DIFFERS"
+              else f"{r['worst_tensor']} off by {r['worst_tol_ratio']:.2f}x the tolerance"), file=sys.stderr)
     if args.json:
         meta = dict(device=label, torch=torch.__version__, native=native_status(), quick=bool(args.quick))
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {args.json}")
-    return 0 if all(r["check"] == "ok" for r in rows) else 1
+    return 0 if all(r["check"] not in ("FAIL", "DIFFERS") for r in rows) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

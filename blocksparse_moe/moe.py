@@ -212,6 +212,16 @@ class DroplessMoE(nn.Module):
             s += f", shared_expert_size={self.shared_expert.ffn_hidden_size}"
         return s
 
+    def shared_output(self, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the shared expert's output on ``x2 [T, H]`` (gated when the layer has a
+        gate); ``out`` itself when the layer has no shared expert."""
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert(x2)
+        if self.shared_expert_gate is not None:
+            shared = shared * torch.sigmoid(x2 @ self.shared_expert_gate.t())
+        return out + shared
+
     def forward(self, x: torch.Tensor, expert_indices: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, MoEAux]:
         """``x [..., H]`` -> ``(out [..., H], aux)``.
@@ -243,11 +253,7 @@ class DroplessMoE(nn.Module):
         # when given, so the expert path reads nothing back to the host.
         out = expert_mlp(x2, r.indices, r.weights, self.w1, self.w2, self.b1, self.b2, activation=self.activation,
                          glu=self.glu, block_size=self.block_size, check_indices=False)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x2)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(x2 @ self.shared_expert_gate.t())
-            out = out + shared
+        out = self.shared_output(x2, out)
         aux = MoEAux(aux_loss=r.aux_loss, load_balancing_loss=r.load_balancing_loss, z_loss=r.z_loss,
                      tokens_per_expert=tokens_per_expert(r.indices, self.num_experts), router_logits=r.logits,
                      expert_indices=r.indices, expert_weights=r.weights)

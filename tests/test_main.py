@@ -10,6 +10,7 @@ import torch
 
 import blocksparse_moe.__main__ as lb
 from blocksparse_moe.__main__ import main
+from blocksparse_moe.peers import PEERS
 
 TINY = [
     lb.LayerShape("tiny-glu", 24, 16, 32, 4, 2, 16),
@@ -34,9 +35,23 @@ def test_main_job_passes_and_writes_json(tiny_shapes, tmp_path, capsys):
     for name in ("tiny-glu", "tiny-deepseek", "tiny-mlp", "TFLOP/s", "tokens/s"):
         assert name in text
     rows = json.loads(path.read_text())["rows"]
-    assert [r["shape"] for r in rows] == ["tiny-glu", "tiny-deepseek", "tiny-mlp"]
-    for r in rows:
+    ours = [r for r in rows if r["impl"] == "blocksparse_moe"]
+    assert [r["shape"] for r in ours] == ["tiny-glu", "tiny-deepseek", "tiny-mlp"]
+    for r in ours:
         assert r["check"] == "ok" and 0 <= r["worst_tol_ratio"] <= 1 and r["tokens_per_s"] > 0
+    # Every shape has a row per peer: timed with the layer's output (the ceiling computes
+    # another function), or skipped with the reason (transformers' experts have no plain MLP).
+    peers = {(r["shape"], r["impl"]): r for r in rows if r["impl"] != "blocksparse_moe"}
+    assert len(peers) == 3 * len(PEERS)
+    for (shape, impl), r in peers.items():
+        if impl == "transformers grouped_mm" and shape == "tiny-mlp":
+            assert r["check"].startswith("skipped:") and "GLU" in r["check"]
+            continue
+        if impl == "transformers grouped_mm" and r["check"].startswith("skipped:"):
+            assert "not available" in r["check"]  # transformers not installed
+            continue
+        assert r["check"] == ("-" if impl == "dense ceiling" else "same output"), (shape, impl, r["check"])
+        assert r["ours_speedup"] > 0 and r["tflops"] > 0
     # GLU: 18*T*k*H*F useful FLOPs per forward+backward.
     assert TINY[0].useful_flops() == 18 * 24 * 2 * 16 * 32
     assert TINY[2].useful_flops(backward=False) == 4 * 16 * 1 * 16 * 16
@@ -50,6 +65,16 @@ def test_main_job_fails_when_a_check_fails(tiny_shapes, monkeypatch, capsys):
     assert main(["--device", "cpu", "--shapes", "tiny-glu"]) == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "FAILED: tiny-glu" in captured.err
+
+
+def test_main_job_fails_when_a_peer_differs(tiny_shapes, monkeypatch, capsys):
+    # A peer that computes something else is a failed comparison, not a timing to report.
+    import blocksparse_moe.peers as peers
+
+    monkeypatch.setattr(peers, "_loop", lambda layer: lambda x2, ids, weights: torch.zeros_like(x2))
+    assert main(["--device", "cpu", "--shapes", "tiny-glu"]) == 1
+    captured = capsys.readouterr()
+    assert "DIFFERS" in captured.out and "torch loop's output differs" in captured.err
 
 
 def test_main_job_bad_arguments(capsys):
@@ -86,3 +111,12 @@ def test_layer_benchmark_writes_results(tmp_path, monkeypatch):
     assert ours["kept_bytes_per_token"] <= k * 2 * f * 4 + 2 * k * 8 + 4 * 8 / 24 + 1e-9
     assert ours["host_syncs"] >= 0
     assert "| tiny |" in (tmp_path / files[1]).read_text()
+
+
+def test_peer_forward_names_its_choices():
+    from blocksparse_moe import DroplessMoE
+    from blocksparse_moe.peers import peer_forward
+
+    layer = DroplessMoE(16, 16, 4, 2, block_size=16)
+    with pytest.raises(ValueError, match="name must be one of"):
+        peer_forward(layer, "megablocks", torch.randn(3, 16))
