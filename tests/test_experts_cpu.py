@@ -135,6 +135,35 @@ def test_parity_routings(dtype, routing):
     _check(_inputs(dtype, routing=routing))
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "mm-per-expert"])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "duplicates"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_in_chunks(monkeypatch, grouped, routing, dtype):
+    """Experts taken a few at a time (chunks of ~3 experts' rows here, some without rows
+    inside or at the ends of a chunk), their GEMMs through torch._grouped_mm or one
+    torch.mm per expert."""
+    row_bytes = 4 * 2 * 32  # max(H, G*F) fp32 values per row in _inputs
+    monkeypatch.setattr(cpu_experts, "_CHUNK_BYTES", 3 * 40 * 2 // 6 * row_bytes)
+    if not grouped:
+        monkeypatch.setattr(cpu_experts, "_grouped_mm_ok", lambda a, b: False)
+    calls = []
+    real = cpu_experts._gmm
+    monkeypatch.setattr(cpu_experts, "_gmm", lambda a, b, sizes, out=None: calls.append(len(sizes)) or
+                        real(a, b, sizes, out))
+    _check(_inputs(dtype, routing=routing, experts_=8, seed=21))
+    assert max(calls) > 1, calls  # several experts in a chunk
+    assert routing == "duplicates" or len(calls) > 4, calls  # and several chunks (not for 2 experts)
+
+
+def test_chunks_cover_every_row_once():
+    sizes = [0, 5, 0, 0, 7, 1, 0, 30, 0, 2, 0]
+    chunks = list(cpu_experts._chunks(sizes, row_bytes=cpu_experts._CHUNK_BYTES // 6))
+    assert [c[2] for c in chunks][0] == 0 and chunks[-1][3] == sum(sizes)
+    for (e0, e1, r0, r1), nxt in zip(chunks, chunks[1:] + [None]):
+        assert r1 - r0 == sum(sizes[e0:e1]) and (nxt is None or (nxt[0], nxt[2]) == (e1, r1))
+    assert all(r1 - r0 >= 6 for _, _, r0, r1 in chunks[:-1])
+
+
 @pytest.mark.parametrize("act", cpu_experts.ACTIVATIONS)
 @pytest.mark.parametrize("glu", [True, False], ids=["glu", "plain"])
 def test_parity_activations(act, glu):

@@ -8,29 +8,32 @@ The CPU back end of the expert-path protocol (``experts_forward``, ``experts_for
 ``experts_backward``; the Triton back end is ``kernels/experts.py``). The ops layer checks
 every argument first and owns autograd; nothing here re-validates user arguments.
 
-The block-sparse layout is the GPU's. A CPU runs one GEMM per expert on a contiguous range
-of rows best, so the ``S = T*k`` slots are sorted by expert once (a stable sort: slot
-``s = t*k + j`` keeps its place among its expert's slots) and the sizes read on the host
-(``counts.tolist()``: free on a CPU, where there is no queue to stall). Then one pass per
-expert does all of that expert's work while its rows are in cache:
+The block-sparse layout is the GPU's. A CPU runs GEMMs on contiguous row ranges best, so
+the ``S = T*k`` slots are sorted by expert once (a stable sort: slot ``s = t*k + j`` keeps
+its place among its expert's slots) and the sizes read on the host (``counts.tolist()``:
+free on a CPU, where there is no queue to stall). The experts are then taken in chunks of
+a few MiB of rows (one large expert alone, many small ones together), and each chunk does
+all of its experts' work while its rows are in cache:
 
     forward   gather x rows, h = x w1^T (+b1) (kept), a = act(g) * u * weight,
               y = a w2 (+ weight b2), out[token] += y
     backward  gather dout rows, dA = dout w2^T, a recomputed from h, dweights,
-              dW2 = (w a)^T dout, db2, dh = [act'(g) u wdA | act(g) wdA],
-              dW1 = dh^T x (x rows gathered again), db1, dx[token] += dh w1
+              dh = [act'(g) u wdA | act(g) wdA], dx[token] += dh w1, and per expert
+              dW2 = (w a)^T dout, db2, dW1 = dh^T x (x rows gathered again), db1
 
-That is the GEMMs of a dense MLP (6 + 12 units of ``T*k*H*F`` FLOPs for a GLU) and nothing
-more: ``dweights[t, j] = <dout[t], y_tj>`` is computed as ``<a_tj, dout[t] @ w2^T> +
-<dout[t], b2>`` from products backward needs anyway, so the expert outputs ``y`` are
-neither kept nor recomputed. Each GEMM uses all of torch's threads (BLAS's own threading
-beat one Python thread per part of the experts here, and needs no thread pool); the
-elementwise steps use ATen's fused kernels (``silu``/``gelu`` and their backward). Kept for
+The row-side GEMMs of a chunk are one ``torch._grouped_mm`` (one ``torch.mm`` per expert
+where torch lacks it or the strides do not suit it) and each elementwise step is one ATen
+call over the chunk (``silu``/``gelu`` and their backward are fused kernels), so a layer of
+128 small experts costs a few dozen calls, not a few thousand. That is the GEMMs of a dense
+MLP (6 + 12 units of ``T*k*H*F`` FLOPs for a GLU) and nothing more: ``dweights[t, j] =
+<dout[t], y_tj>`` is computed as ``<a_tj, dout[t] @ w2^T> + <dout[t], b2>`` from products
+backward needs anyway, so the expert outputs ``y`` are neither kept nor recomputed. The
+GEMMs use torch's threads (BLAS's own threading was as fast as one Python thread per part
+of the experts here, and needs no pool), except in small calls (see ``_threads``). Kept for
 backward: the pre-activation ``h`` in sorted order (in x's dtype, the floor of DESIGN.md),
-the sort permutation and the expert sizes. The only other ``[S, .]`` buffers are the
-gathered rows and products of one expert at a time; results go straight into ``out`` and
-``dx`` (``[T, H]``) with ``index_add_``: a fresh ``[S, H]`` buffer would be new pages,
-faulted in on first touch.
+the sort permutation and the expert sizes. Other buffers hold one chunk's rows; results go
+straight into ``out`` and ``dx`` (``[T, H]``) with ``index_add_``: a fresh ``[S, H]``
+buffer would be new pages, faulted in on first touch.
 
 Precision: the GEMMs and every elementwise step run in fp32 (fp64 for fp64): fp16/bf16
 weights are converted once per call (on CPUs without fp16/bf16 hardware, torch's half GEMM
@@ -38,7 +41,7 @@ is ~100x slower than MKL's sgemm; with it, a half GEMM would round each expert's
 before the weighted sum: a second rounding). Stored results are rounded once: ``h``
 (kept), ``out``, and each gradient. A token's ``k`` contributions are summed in fp32 in
 expert order by ``index_add_``, which on the CPU adds its rows one after another (no
-atomics): two runs are bitwise equal.
+atomics), and the chunks depend only on the sizes: two runs are bitwise equal.
 """
 
 from __future__ import annotations
@@ -85,29 +88,73 @@ def _sort_slots(expert_indices: Tensor, num_experts: int) -> Tuple[Tensor, Tenso
     return order, counts
 
 
-def _ranges(sizes: List[int]):
-    """``(e, r0, r1)`` for every expert with rows: its range of sorted slots."""
-    start = 0
+# Experts are taken in chunks of about this many bytes of their widest row buffer: each
+# chunk's GEMMs go to BLAS together (torch._grouped_mm) and its elementwise steps run once
+# over the chunk's rows, so many small experts cost a few calls, not a few per expert,
+# while the chunk's buffers stay small enough to be reused (no fresh [S, H] pages).
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(sizes: List[int], row_bytes: int) -> Iterator[Tuple[int, int, int, int]]:
+    """``(e0, e1, r0, r1)``: consecutive experts ``e0..e1-1`` and their sorted rows; each
+    chunk ends at an expert boundary once it holds ``_CHUNK_BYTES`` of rows (an expert with
+    more rows than that is a chunk alone). Trailing experts without rows are left out."""
+    rows = max(_CHUNK_BYTES // max(row_bytes, 1), 1)
+    e0 = r0 = r1 = 0
     for e, n in enumerate(sizes):
+        r1 += n
+        if r1 - r0 >= rows:
+            yield e0, e + 1, r0, r1
+            e0, r0 = e + 1, r1
+    if r1 > r0:
+        yield e0, len(sizes), r0, r1
+
+
+def _gmm(a: Tensor, b: Tensor, sizes: List[int], out: Optional[Tensor] = None) -> Tensor:
+    """``[a[rows of group g] @ b[g] for each g]`` stacked: ``a [R, K]`` with its rows in
+    groups of ``sizes``, ``b [G, K, N]``; into ``out`` when given. One
+    ``torch._grouped_mm`` where torch has it for these tensors (fp32, 16-byte strides),
+    else one ``torch.mm`` per group."""
+    if len(sizes) == 1:
+        return torch.mm(a, b[0], out=out)
+    if _grouped_mm_ok(a, b):
+        offs = torch.tensor(sizes, dtype=torch.int32, device=a.device).cumsum(0, dtype=torch.int32)
+        r = torch._grouped_mm(a, b, offs=offs)
+        return r if out is None else out.copy_(r)
+    out = a.new_empty((a.shape[0], b.shape[2])) if out is None else out
+    r0 = 0
+    for g, n in enumerate(sizes):
         if n:
-            yield e, start, start + n
-        start += n
+            torch.mm(a[r0:r0 + n], b[g], out=out[r0:r0 + n])
+        r0 += n
+    return out
 
 
-# An expert GEMM under this many FLOPs (on average) runs the whole call on one thread.
+def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
+    return (hasattr(torch, "_grouped_mm") and a.dtype == b.dtype == torch.float32
+            and all(t.data_ptr() % 16 == 0 and all(st % 4 == 0 or sz == 1 for st, sz in zip(t.stride(), t.shape)
+                                                   if st != 1) for t in (a, b)))
+
+
+def _rows_of(t: Optional[Tensor], sizes: List[int]) -> Optional[Tensor]:
+    """Row ``i`` of the result is ``t[g]`` for the group ``g`` that sorted row ``i`` is in."""
+    if t is None:
+        return None
+    return t.repeat_interleave(torch.tensor(sizes, device=t.device), dim=0, output_size=sum(sizes))
+
+
+# A call whose first GEMM (all experts) is under this many FLOPs runs on one thread.
 # Measured on the 2-core CI machine while another process kept a core busy: a 12x16x64
 # GEMM took 15 ms on two threads (each parallel region waits for the descheduled one) and
-# 5 us on one; small layers (tests, laptops) gain nothing from threads anyway.
+# 5 us on one; layers this small (tests, toy models) gain nothing from threads anyway.
 _PARALLEL_MIN_FLOPS = 1 << 24
 
 
 @contextlib.contextmanager
-def _threads(slots: int, sizes: List[int], hidden: int, width: int) -> Iterator[None]:
-    """One thread while the call runs when its average expert GEMM is small; torch's
-    setting otherwise (restored after)."""
+def _threads(slots: int, hidden: int, width: int) -> Iterator[None]:
+    """One thread while a small call runs; torch's setting otherwise (restored after)."""
     threads = torch.get_num_threads()
-    active = max(sum(n > 0 for n in sizes), 1)
-    if threads == 1 or 2.0 * slots * hidden * width >= _PARALLEL_MIN_FLOPS * active:
+    if threads == 1 or 2.0 * slots * hidden * width >= _PARALLEL_MIN_FLOPS:
         yield
         return
     torch.set_num_threads(1)
@@ -145,26 +192,22 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
     token = order // k
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
     sizes = counts.tolist()
-    with _threads(order.numel(), sizes, hidden, width):
-        for e, r0, r1 in _ranges(sizes):
-            rows = token[r0:r1]
-            xs = xc.index_select(0, rows)
-            he = h[r0:r1] if h.dtype == cdt else torch.empty((r1 - r0, width), dtype=cdt, device=x.device)
-            if b1c is None:
-                torch.mm(xs, w1c[e].t(), out=he)
-            else:
-                torch.addmm(b1c[e], xs, w1c[e].t(), out=he)
+    with _threads(order.numel(), hidden, width):
+        for e0, e1, r0, r1 in _chunks(sizes, 4 * max(hidden, width)):
+            rows, part = token[r0:r1], sizes[e0:e1]
+            he = h[r0:r1] if h.dtype == cdt else None
+            he = _gmm(xc.index_select(0, rows), w1c[e0:e1].transpose(1, 2), part, out=he)
+            if b1c is not None:
+                he += _rows_of(b1c[e0:e1], part)
             if h.dtype != cdt:
                 h[r0:r1].copy_(he)  # the kept pre-activation, rounded once
             ae = _activate(he, ffn, glu, code)
             if ws is not None:
                 ae.mul_(ws[r0:r1])  # the routing weight, on the narrower side of the second GEMM
-            if b2c is None:
-                ye = torch.mm(ae, w2c[e])
-            elif ws is None:
-                ye = torch.addmm(b2c[e], ae, w2c[e])
-            else:
-                ye = torch.mm(ae, w2c[e]).addr_(ws[r0:r1, 0], b2c[e])  # the weighted bias
+            ye = _gmm(ae, w2c[e0:e1], part)
+            if b2c is not None:
+                b2r = _rows_of(b2c[e0:e1], part)
+                ye += b2r if ws is None else b2r.mul_(ws[r0:r1])  # the weighted bias
             out.index_add_(0, rows, ye)
     return out.to(x.dtype), [h, order, counts]
 
@@ -212,42 +255,50 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
     doc = dout.to(cdt)  # any strides: only read through index_select
     xc = x.to(cdt) if need_w1 else None
     ws = None if weights is None else weights.reshape(-1).to(cdt)[order].unsqueeze(1)
-    with _threads(order.numel(), sizes, x.shape[1], width):
-        for e, r0, r1 in _ranges(sizes):
-            rows = token[r0:r1]
+    with _threads(order.numel(), x.shape[1], width):
+        for e0, e1, r0, r1 in _chunks(sizes, 4 * max(x.shape[1], width)):
+            rows, part = token[r0:r1], sizes[e0:e1]
             dop = doc.index_select(0, rows)
             he = h[r0:r1] if h.dtype == cdt else h[r0:r1].to(cdt)
             g = he[:, :ffn] if glu else he
             # dA = dout w2^T is dL/da before the routing weight; a is recomputed from h. The
             # weight's gradient <dout, a w2 + b2> = <a, dA> + <dout, b2> needs no y.
-            da = torch.mm(dop, w2c[e].t())
+            da = _gmm(dop, w2c[e0:e1].transpose(1, 2), part)
             act_g = _act_into(g, code, None)
             ae = (act_g * he[:, ffn:] if glu else act_g) if need_w or need_w2 else None
             if need_w:
                 torch.linalg.vecdot(ae, da, out=dws[r0:r1])
                 if b2c is not None:
-                    dws[r0:r1].add_(dop @ b2c[e])
+                    dws[r0:r1].add_(torch.linalg.vecdot(dop, _rows_of(b2c[e0:e1], part)))
             wse = None if ws is None else ws[r0:r1]
-            if need_w2:
-                _mm_into((ae if wse is None else ae.mul_(wse)).t(), dop, dw2[e])
-            if need_b2:
-                db2[e].copy_(dop.sum(0) if wse is None else wse[:, 0] @ dop)
-            if not need_dh:
-                continue
-            if wse is not None:
-                da.mul_(wse)
-            if glu:  # dh = [act'(g) u wdA | act(g) wdA]
-                dh = torch.empty((r1 - r0, width), dtype=cdt, device=dev)
-                torch.mul(da, act_g, out=dh[:, ffn:])
-                _act_backward_into(da.mul_(he[:, ffn:]), g, code, dh[:, :ffn])
-            else:
-                dh = _act_backward_into(da, g, code, da)
-            if need_w1:
-                _mm_into(dh.t(), xc.index_select(0, rows), dw1[e])
-            if need_b1:
-                db1[e].copy_(dh.sum(0))
+            if need_w2 and wse is not None:
+                ae.mul_(wse)
+            dh = None
+            if need_dh:
+                if wse is not None:
+                    da.mul_(wse)
+                if glu:  # dh = [act'(g) u wdA | act(g) wdA]
+                    dh = torch.empty((r1 - r0, width), dtype=cdt, device=dev)
+                    torch.mul(da, act_g, out=dh[:, ffn:])
+                    _act_backward_into(da.mul_(he[:, ffn:]), g, code, dh[:, :ffn])
+                else:
+                    dh = _act_backward_into(da, g, code, da)
+            xs = xc.index_select(0, rows) if need_w1 else None
+            lo = 0
+            for e, n in zip(range(e0, e1), part):  # the weight gradients, expert by expert
+                if n:
+                    seg = slice(lo, lo + n)
+                    if need_w2:
+                        _mm_into(ae[seg].t(), dop[seg], dw2[e])
+                    if need_b2:
+                        db2[e].copy_(dop[seg].sum(0) if wse is None else wse[seg, 0] @ dop[seg])
+                    if need_w1:
+                        _mm_into(dh[seg].t(), xs[seg], dw1[e])
+                    if need_b1:
+                        db1[e].copy_(dh[seg].sum(0))
+                lo += n
             if need_x:
-                dx.index_add_(0, rows, torch.mm(dh, w1c[e]))
+                dx.index_add_(0, rows, _gmm(dh, w1c[e0:e1], part))
     dweights = None
     if need_w:
         dweights = torch.empty(order.numel(), dtype=weights.dtype, device=dev)
