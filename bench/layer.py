@@ -310,6 +310,7 @@ class _Timed:
         self.fwd, self.step = _steps(case, forward)
         self.times: Dict[str, List[float]] = {"fwd": [], "step": []}
         self.group = -1  # implementations timed in the same rounds share a group
+        self.probe_ms = 0.0
 
 
 def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Timed]]:
@@ -324,8 +325,10 @@ def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Tim
             probe = case.smaller(probe_tokens)
             probe_forward = IMPLEMENTATIONS[name](probe)
             one = time_ms(_steps(probe, probe_forward)[1], case.device, min_runs=1, max_runs=1, budget_s=0.0)
-            if one * 8 > budget_s * 1e3:
-                return row, _Timed(row, probe, probe_forward, s.tokens / probe_tokens)
+            if one * 8 > budget_s * 1e3:  # the probe was its warm-up
+                timed = _Timed(row, probe, probe_forward, s.tokens / probe_tokens)
+                timed.probe_ms = one
+                return row, timed
         return row, _Timed(row, case, forward, 1.0)
     except Exception as exc:  # noqa: BLE001 - a peer that is missing, needs CUDA or does not fit
         row.update(status=f"skipped: {type(exc).__name__}: {exc}"[:200])
@@ -334,8 +337,9 @@ def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Tim
 
 def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
     """Fill every ``t.times``. CUDA: each alone (``do_bench``). CPU: in rounds, one forward
-    and one step of each implementation per round (a scaled one only in the first round),
-    until every implementation has ``min_runs`` and the budget or ``max_runs`` is reached.
+    and one step of each implementation per round (a scaled one only in the first round;
+    its probe step in ``prepare`` was its warm-up), until every implementation has
+    ``min_runs`` and the budget or ``max_runs`` is reached.
     An implementation whose warm-up step took over 3x the fastest one's is timed on its
     own afterwards: in turn, each of its runs would take as long as a whole round of the
     others and leave the caches and the allocator to them in its state."""
@@ -343,20 +347,25 @@ def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
         for t in timed:
             t.times = {k: [time_ms(getattr(t, k), device)] for k in ("fwd", "step")}
         return
-    warm = {}
+    warm = {}  # one step's time on the full batch (a scaled one: its probe's, scaled)
     for t in timed:
+        if t.scale != 1.0:
+            warm[id(t)] = t.probe_ms * t.scale
+            continue
         t.fwd()
         t0 = time.perf_counter()
         t.step()
-        warm[id(t)] = (time.perf_counter() - t0) / t.scale
+        warm[id(t)] = (time.perf_counter() - t0) * 1e3
     fastest = min(warm.values(), default=0.0)
     together = [t for t in timed if warm[id(t)] <= 3 * fastest]
     for i, group in enumerate([together] + [[t] for t in timed if t not in together]):
         for t in group:
             t.group = i
         deadline = time.perf_counter() + timing["budget_s"] * len(group)
+        # A step over 5 s (half-precision GEMMs in software): 3 runs say enough.
+        least = min(timing["min_runs"], 3) if min(warm[id(t)] for t in group) > 5e3 else timing["min_runs"]
         rounds = 0
-        while rounds < timing["min_runs"] or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
+        while rounds < least or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
             for t in group:
                 if t.scale != 1.0 and rounds:
                     continue
