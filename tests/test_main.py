@@ -120,3 +120,23 @@ def test_peer_forward_names_its_choices():
     layer = DroplessMoE(16, 16, 4, 2, block_size=16)
     with pytest.raises(ValueError, match="name must be one of"):
         peer_forward(layer, "megablocks", torch.randn(3, 16))
+
+
+def test_compare_peers_allows_two_tolerances_between_correct_implementations(monkeypatch):
+    # Each implementation may be one tolerance off the exact result, in opposite directions.
+    import blocksparse_moe.peers as peers
+    from blocksparse_moe import DroplessMoE
+
+    torch.manual_seed(0)
+    layer = DroplessMoE(16, 16, 4, 2, block_size=16)
+    x = torch.randn(8, 16)
+    rtol, atol = 0.0, 1e-3
+    checks = {}
+    for shift, expected in ((1.9e-3, "same output"), (2.1e-3, "DIFFERS")):
+        real = peers._loop
+        monkeypatch.setattr(peers, "_loop", lambda layer, real=real, shift=shift:
+                            (lambda x2, ids, w: real(layer)(x2, ids, w) + shift))
+        got = dict(peers.compare_peers(layer, x, rtol, atol, lambda f: (1.0, 1.0)))
+        checks[shift] = got["torch loop"]["check"]
+        monkeypatch.setattr(peers, "_loop", real)
+        assert checks[shift] == expected, checks
