@@ -135,16 +135,18 @@ def test_parity_routings(dtype, routing):
     _check(_inputs(dtype, routing=routing))
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "mm-per-expert"])
+@pytest.mark.parametrize("gemms", ["grouped_mm", "mm-into-out", "mm-per-expert"])
 @pytest.mark.parametrize("routing", ["uniform", "skewed", "duplicates"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_parity_in_chunks(monkeypatch, grouped, routing, dtype):
+def test_parity_in_chunks(monkeypatch, gemms, routing, dtype):
     """Experts taken a few at a time (chunks of ~3 experts' rows here, some without rows
-    inside or at the ends of a chunk), their GEMMs through torch._grouped_mm or one
-    torch.mm per expert."""
+    inside or at the ends of a chunk), their GEMMs through torch._grouped_mm, one torch.mm
+    per expert where a result has its buffer (large groups), or one torch.mm per expert."""
     row_bytes = 4 * 2 * 32  # max(H, G*F) fp32 values per row in _inputs
     monkeypatch.setattr(cpu_experts, "_CHUNK_BYTES", 3 * 40 * 2 // 6 * row_bytes)
-    if not grouped:
+    if gemms == "mm-into-out":
+        monkeypatch.setattr(cpu_experts, "_GROUPED_MM_ROWS", 1)
+    if gemms == "mm-per-expert":
         monkeypatch.setattr(cpu_experts, "_grouped_mm_ok", lambda a, b: False)
     calls = []
     real = cpu_experts._gmm
@@ -201,6 +203,25 @@ def test_parity_strided_inputs():
     d["b1"] = d["b1"].t().contiguous().t()
     assert not d["x"].is_contiguous() and not d["w1"].is_contiguous() and not d["w2"].is_contiguous()
     _check(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_grads_keep_weight_strides(dtype):
+    # transformers' stacks arrive as transpose(1, 2) views; their gradients must have the
+    # view's strides (as the op's fake says), so the view's backward hands the base a
+    # gradient in its own layout, which autograd keeps without a copy.
+    d = _inputs(dtype, seed=11)
+    d["w1"] = d["w1"].transpose(1, 2).contiguous().transpose(1, 2)
+    d["w2"] = d["w2"].transpose(1, 2).contiguous().transpose(1, 2)
+    cfg = dict(num_experts=6, act="silu", glu=True, block_size=16)
+    args = (d["x"], d["expert_indices"], d["weights"], d["w1"], d["w2"], d["b1"], d["b2"])
+    out, saved = cpu_experts.experts_forward(*args, **cfg)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    _, _, dw1, dw2, _, _ = cpu_experts.experts_backward(dout, saved, *args, **cfg, needs_input_grad=(True,) * 6)
+    assert dw1.stride() == d["w1"].stride() and dw2.stride() == d["w2"].stride()
+    _, ref_grads = _reference(d, "silu", True, dout)
+    assert_close(dw1, ref_grads["w1"], dtype, "layer", "dw1 of a transposed stack")
+    assert_close(dw2, ref_grads["w2"], dtype, "layer", "dw2 of a transposed stack")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

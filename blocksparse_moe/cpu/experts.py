@@ -113,11 +113,12 @@ def _chunks(sizes: List[int], row_bytes: int) -> Iterator[Tuple[int, int, int, i
 def _gmm(a: Tensor, b: Tensor, sizes: List[int], out: Optional[Tensor] = None) -> Tensor:
     """``[a[rows of group g] @ b[g] for each g]`` stacked: ``a [R, K]`` with its rows in
     groups of ``sizes``, ``b [G, K, N]``; into ``out`` when given. One
-    ``torch._grouped_mm`` where torch has it for these tensors (fp32, 16-byte strides),
-    else one ``torch.mm`` per group."""
+    ``torch._grouped_mm`` where torch has it for these tensors (fp32, 16-byte strides) and
+    its groups are small (it calls ``mm`` per group itself, so it saves only the Python
+    per call, and it has no ``out``), else one ``torch.mm`` per group."""
     if len(sizes) == 1:
         return torch.mm(a, b[0], out=out)
-    if _grouped_mm_ok(a, b):
+    if _grouped_mm_ok(a, b) and (out is None or a.shape[0] < _GROUPED_MM_ROWS * len(sizes)):
         offs = torch.tensor(sizes, dtype=torch.int32, device=a.device).cumsum(0, dtype=torch.int32)
         r = torch._grouped_mm(a, b, offs=offs)
         return r if out is None else out.copy_(r)
@@ -128,6 +129,12 @@ def _gmm(a: Tensor, b: Tensor, sizes: List[int], out: Optional[Tensor] = None) -
             torch.mm(a[r0:r0 + n], b[g], out=out[r0:r0 + n])
         r0 += n
     return out
+
+
+# Groups of at least this many rows on average are written straight into ``out`` one ``mm``
+# each: each GEMM then outweighs a Python call, and the copy out of ``_grouped_mm``'s result
+# would be another pass over the rows.
+_GROUPED_MM_ROWS = 64
 
 
 def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
@@ -237,8 +244,11 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
 
     def result(t: Tensor) -> Tensor:
         # Written expert by expert (in place when in the compute dtype, else rounded once
-        # from the fp32 product); experts without rows get zeros.
-        r = torch.empty(t.shape, dtype=t.dtype, device=dev)
+        # from the fp32 product); experts without rows get zeros. The weight's own strides
+        # (as the fake and the Triton back end give): a transposed view's gradient, handed
+        # back through the view, is then its base's layout, which autograd keeps without
+        # the copy it makes of a gradient whose strides differ from the parameter's.
+        r = torch.empty_like(t)
         for e, n in enumerate(sizes):
             if n == 0:
                 r[e].zero_()
@@ -308,9 +318,11 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
 
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = a @ b``: straight into ``out`` when it is a contiguous compute-dtype matrix,
-    else computed in the compute dtype and rounded once."""
+    """``out = a @ b``: straight into ``out`` when it is a row- or column-major compute-dtype
+    matrix, else computed in the compute dtype and rounded once."""
     if out.dtype == a.dtype and out.is_contiguous():
         torch.mm(a, b, out=out)
+    elif out.dtype == a.dtype and out.t().is_contiguous():
+        torch.mm(b.t(), a.t(), out=out.t())
     else:
         out.copy_(torch.mm(a, b))
