@@ -16,6 +16,7 @@ import torch
 
 import blocksparse_moe as bm
 from blocksparse_moe import reference
+from blocksparse_moe.cpu.precision import compute_dtype
 from product_cases import moe_reference_topology, moe_topology, randn
 from tolerances import assert_op, poisoned, reference_with_magnitude
 
@@ -93,10 +94,10 @@ def gemm(request, monkeypatch):
     """fp16/bf16 GEMMs upcast to fp32, or run in fp16/bf16 (oneDNN's fp32-accumulating
     kernels where the CPU has them; forced here so both paths run on every machine)."""
     if request.param == "upcast":
-        monkeypatch.setattr(cpu_products, "_gemm_dtype", cpu_products._acc_dtype)
+        monkeypatch.setattr(cpu_products, "_gemm_dtype", compute_dtype)
     else:
         monkeypatch.setattr(cpu_products, "_gemm_dtype",
-                            lambda dt: dt if dt in (torch.float16, torch.bfloat16) else cpu_products._acc_dtype(dt))
+                            lambda dt: dt if dt in (torch.float16, torch.bfloat16) else compute_dtype(dt))
     return request.param
 
 

@@ -18,8 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .precision import compute_dtype
 
 
 def _check_act(act: int) -> None:
@@ -71,7 +70,7 @@ def glu_forward(gate: torch.Tensor, up: Optional[torch.Tensor], act: int,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(gate) * up`` (or ``act(gate)`` when ``up`` is None)."""
     _check_act(act)
-    cd = _compute_dtype(gate)
+    cd = compute_dtype(gate.dtype)
     y = _act_into(gate.to(cd), act, _target(out, cd))
     if up is not None:
         y.mul_(up.to(cd))
@@ -83,7 +82,7 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tens
                  dup: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(dout * act'(gate) [* up], dout * act(gate) | None)``."""
     _check_act(act)
-    cd = _compute_dtype(gate)
+    cd = compute_dtype(gate.dtype)
     g, d = gate.to(cd), dout.to(cd)
     if up is None:
         return _store(_act_backward_into(d, g, act, _target(dgate, cd)), gate, dgate), None

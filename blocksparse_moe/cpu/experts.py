@@ -52,6 +52,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from .activation import _act_backward_into, _act_into
+from .precision import compute_dtype
 
 __all__ = ["ACTIVATIONS", "experts_forward", "experts_forward_fake", "experts_backward"]
 
@@ -60,9 +61,6 @@ _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # cpu/activation.py
 
 Tensor = torch.Tensor
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _saved_shapes(x: Tensor, expert_indices: Tensor, w1: Tensor, num_experts: int):
@@ -189,7 +187,7 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
     k = expert_indices.shape[1]
     width = w1.shape[1]
     ffn = width // 2 if glu else width
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     code = _ACT_CODE[act]
     order, counts = _sort_slots(expert_indices, num_experts)
     h = x.new_empty((order.numel(), width))
@@ -232,7 +230,7 @@ def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indice
     k = expert_indices.shape[1]
     width = w1.shape[1]
     ffn = width // 2 if glu else width
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     code = _ACT_CODE[act]
     dev = x.device
     need_x, need_w, need_w1, need_w2, need_b1, need_b2 = needs_input_grad

@@ -15,9 +15,7 @@ from typing import Optional
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .precision import compute_dtype
 
 
 def _make_out(out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
@@ -51,7 +49,7 @@ def gather(x: torch.Tensor, row_slots: torch.Tensor, top_k: int, weights: Option
     slots = row_slots.long().clamp(min=0)
     torch.index_select(x, 0, torch.div(slots, top_k, rounding_mode="floor"), out=out)
     if weights is not None:
-        acc = _acc_dtype(x.dtype)
+        acc = compute_dtype(x.dtype)
         w = weights.reshape(-1).index_select(0, slots).to(acc).unsqueeze(1)
         if out.dtype == acc:
             out.mul_(w)
@@ -69,7 +67,7 @@ def scatter(y: torch.Tensor, rows: torch.Tensor, top_k: int, weights: Optional[t
     H = y.shape[1]
     T = rows.numel() // top_k
     out = _make_out(out, (T, H), y.dtype, y.device)
-    acc = _acc_dtype(y.dtype)
+    acc = compute_dtype(y.dtype)
     g = y.index_select(0, rows.long()).to(acc).view(T, top_k, H)  # a fresh copy: scaled in place
     if weights is not None:
         g.mul_(weights.to(acc).unsqueeze(2))
@@ -84,7 +82,7 @@ def scatter_wgrad(dout: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, top_k
     """``dw[t, j] = <dout[t], y[rows[t*k + j]]>`` -> ``[T, k]`` (float32, or float64 for float64 data,
     unless ``out`` is given)."""
     T, H = dout.shape
-    acc = _acc_dtype(dout.dtype)
+    acc = compute_dtype(dout.dtype)
     g = y.index_select(0, rows.long()).to(acc).view(T, top_k, H)
     dw = torch.bmm(g, dout.to(acc).unsqueeze(2)).squeeze(2)
     if out is None:

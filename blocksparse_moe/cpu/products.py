@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..grouped import grouped_cols, grouped_rows
+from .precision import compute_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements of gathered operands one bmm chunk may hold (x 4-8 bytes): ~64-128 MiB.
@@ -67,9 +68,6 @@ _STAGE_ELEMENTS = 1 << 18
 Segment = Tuple[int, int, int, int, int]  # (first block row, rows, first block col, cols, first block)
 Run = Tuple[int, int, int, List[Segment]]  # (first block, block rows, block cols, rectangles)
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_dtype(op: str, t: torch.Tensor, name: str) -> None:
@@ -97,7 +95,7 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     if (dtype in (torch.float16, torch.bfloat16) and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and _half_gemm_supported(dtype)):
         return dtype
-    return _acc_dtype(dtype)
+    return compute_dtype(dtype)
 
 
 def rectangles(row_indices: torch.Tensor, column_indices: torch.Tensor,
@@ -353,8 +351,8 @@ def _rect_result(out: Optional[torch.Tensor], shape, dtype: torch.dtype, device:
     in that dtype and every element is the output of exactly one GEMM (no second rectangle
     or group piece adds to it: that sum would be rounded twice), else in fp32."""
     gemm = _gemm_dtype(dtype)
-    native = gemm != _acc_dtype(dtype) and whole and all(fresh)
-    return dense_result(out, shape, gemm if native else _acc_dtype(dtype), device)
+    native = gemm != compute_dtype(dtype) and whole and all(fresh)
+    return dense_result(out, shape, gemm if native else compute_dtype(dtype), device)
 
 
 def dsd_on_rectangles(out: Optional[torch.Tensor], shape, data: torch.Tensor, b: Operand, segs: List[Segment],
@@ -483,7 +481,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
                          f"{a.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if nnz == 0:
         return out
-    acc = _acc_dtype(a.dtype)
+    acc = compute_dtype(a.dtype)
     segs = rectangles(row_indices, column_indices, offsets)
     if segs is not None:
         sdd_on_rectangles(a, _operand(b, "cols"), segs, bs, out)
@@ -508,7 +506,7 @@ def _dsd_acc(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col
     """``S @ B`` (``S^T @ B``) for grouped ``b [G, R, N]`` (``R = group``) as a row-major buffer
     (``products.dense_result``, possibly ``out`` itself) for ``products.deliver``."""
     bs = data.shape[1]
-    acc_dtype = _acc_dtype(data.dtype)
+    acc_dtype = compute_dtype(data.dtype)
     m = ((offsets_t if transposed else offsets).numel() - 1) * bs
     n = b.shape[2]
     segs = rectangles(row_indices, column_indices, offsets) if row_indices.numel() and n else None
@@ -579,7 +577,7 @@ def dds(a: torch.Tensor, data: torch.Tensor, row_indices: torch.Tensor, column_i
     segs = rectangles(row_indices, column_indices, offsets) if row_indices.numel() and m else None
     if segs is not None:
         return deliver(dds_on_rectangles(out, (m, n), Operand(a, "cols"), data, segs, transposed), data.dtype, out)
-    acc_dtype = _acc_dtype(data.dtype)
+    acc_dtype = compute_dtype(data.dtype)
     acc = dense_result(out, (m, n), acc_dtype, data.device)
     acc.zero_()
     if row_indices.numel() == 0 or m == 0:
