@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_name, write_results  # noqa: E402
 
 from blocksparse_moe import backend, ops
-from blocksparse_moe.__main__ import LayerShape, device_label, time_ms
+from blocksparse_moe.__main__ import LayerShape, device_label
+from blocksparse_moe.timing import time_ms
 from blocksparse_moe.topology import make_topology
 
 

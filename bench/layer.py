@@ -58,9 +58,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import check_out_dir, machine_name, write_results  # noqa: E402
 
 from blocksparse_moe import backend  # noqa: E402
-from blocksparse_moe.__main__ import (LayerShape, check_device, device_label, peak_memory,  # noqa: E402
-                                      synchronize, time_ms)
+from blocksparse_moe.__main__ import LayerShape, check_device, device_label, peak_memory  # noqa: E402
 from blocksparse_moe.costs import measure_step  # noqa: E402
+from blocksparse_moe.timing import synchronize, time_ms, time_rounds  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -336,10 +336,10 @@ def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Tim
 
 
 def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
-    """Fill every ``t.times``. CUDA: each alone (``do_bench``). CPU: in rounds, one forward
-    and one step of each implementation per round (a scaled one only in the first round;
-    its probe step in ``prepare`` was its warm-up), until every implementation has
-    ``min_runs`` and the budget or ``max_runs`` is reached.
+    """Fill every ``t.times``. CUDA: each alone (``do_bench``). CPU: in rounds
+    (``timing.time_rounds``), one forward and one step of each implementation per round,
+    for at least ``min_runs`` rounds. A scaled one runs once (its probe step in ``prepare``
+    was its warm-up).
     An implementation whose warm-up step took over 3x the fastest one's is timed on its
     own afterwards: in turn, each of its runs would take as long as a whole round of the
     others and leave the caches and the allocator to them in its state."""
@@ -351,29 +351,29 @@ def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
     for t in timed:
         if t.scale != 1.0:
             warm[id(t)] = t.probe_ms * t.scale
+            t.times = {"fwd": [_once(t.fwd)], "step": [_once(t.step)]}
             continue
         t.fwd()
-        t0 = time.perf_counter()
-        t.step()
-        warm[id(t)] = (time.perf_counter() - t0) * 1e3
+        warm[id(t)] = _once(t.step)
     fastest = min(warm.values(), default=0.0)
-    together = [t for t in timed if warm[id(t)] <= 3 * fastest]
-    for i, group in enumerate([together] + [[t] for t in timed if t not in together]):
+    rest = [t for t in timed if t.scale == 1.0]
+    together = [t for t in rest if warm[id(t)] <= 3 * fastest]
+    for i, group in enumerate([together] + [[t] for t in rest if t not in together]):
         for t in group:
             t.group = i
-        deadline = time.perf_counter() + timing["budget_s"] * len(group)
         # A step over 5 s (half-precision GEMMs in software): 3 runs say enough.
         least = min(timing["min_runs"], 3) if min(warm[id(t)] for t in group) > 5e3 else timing["min_runs"]
-        rounds = 0
-        while rounds < least or (rounds < timing["max_runs"] and time.perf_counter() < deadline):
-            for t in group:
-                if t.scale != 1.0 and rounds:
-                    continue
-                for k in ("fwd", "step"):
-                    t0 = time.perf_counter()
-                    getattr(t, k)()
-                    t.times[k].append((time.perf_counter() - t0) * 1e3)
-            rounds += 1
+        runs = time_rounds({(j, k): getattr(t, k) for j, t in enumerate(group) for k in ("fwd", "step")}, device,
+                           min_runs=least, max_runs=max(timing["max_runs"], least),
+                           budget_s=timing["budget_s"] * len(group), warmup=False)
+        for j, t in enumerate(group):
+            t.times = {k: runs[(j, k)] for k in ("fwd", "step")}
+
+
+def _once(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _finish(t: _Timed) -> None:

@@ -29,7 +29,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -37,6 +36,7 @@ import torch
 
 from . import reference
 from .moe import DroplessMoE
+from .timing import synchronize, time_rounds
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -118,28 +118,6 @@ def device_label(device: torch.device) -> str:
     return "cpu-" + ("-".join(words) or "unknown")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, *, min_runs: int = 5, max_runs: int = 30,
-            budget_s: float = 2.0) -> float:
-    """Median wall time of ``fn`` in ms, warm-up excluded (CUDA: ``triton.testing.do_bench``)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
-    runs: List[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(runs) < min_runs or (len(runs) < max_runs and time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(runs)
-
-
 # -- tolerances: THE table lives in blocksparse_moe/tolerances.py ----------------------------
 
 def tolerance_table() -> Dict:
@@ -213,9 +191,9 @@ def check_layer(layer: DroplessMoE, x: torch.Tensor, tol: Dict) -> Dict:
     return dict(ok=bool(worst <= 1.0), max_abs_err=out_err, worst_ratio=worst, worst=worst_name)
 
 
-def time_layer(layer: torch.nn.Module, x: torch.Tensor, forward: Callable, device: torch.device,
-               **timing) -> Tuple[float, float]:
-    """``(forward ms, forward+backward ms)`` medians for ``forward(x) -> out``."""
+def layer_steps(layer: torch.nn.Module, x: torch.Tensor, forward: Callable) -> Tuple[Callable, Callable]:
+    """``(forward, forward+backward)`` of ``forward(x) -> out``, ready to time; the step
+    starts from ``grad = None`` as ``zero_grad()`` leaves it."""
     gout = torch.randn_like(x)
     params = [p for p in layer.parameters() if p.requires_grad]
 
@@ -230,7 +208,12 @@ def time_layer(layer: torch.nn.Module, x: torch.Tensor, forward: Callable, devic
         out = forward(xg)
         out.backward(gout)
 
-    return time_ms(fwd, device, **timing), time_ms(fwd_bwd, device, **timing)
+    return fwd, fwd_bwd
+
+
+# Timing rounds (timing.time_rounds): the layer and its peers take turns on a CPU.
+TIMING = dict(min_runs=5, max_runs=30, budget_s=2.0)  # budget per implementation
+QUICK_TIMING = dict(min_runs=3, max_runs=5, budget_s=0.5)
 
 
 def peak_memory(device: torch.device, fn: Callable[[], object]) -> Optional[float]:
@@ -324,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     # The float64 reference materialises every expert's activations: check on at most 1024
     # tokens of a GPU batch (all of them on a CPU), time on the whole batch.
     check_tokens = 1024 if device.type == "cuda" else None
-    timing = dict(min_runs=3, max_runs=5, budget_s=0.5) if args.quick else {}
+    timing = QUICK_TIMING if args.quick else TIMING
     label = device_label(device)
 
     rows: List[Dict] = []
@@ -340,24 +323,28 @@ def run(args: argparse.Namespace) -> int:
             def forward(inp, layer=layer):
                 return layer(inp)[0]
 
-            fwd_ms, step_ms = time_layer(layer, x, forward, device, **timing)
             peak = peak_memory(device, lambda: forward(x.detach().requires_grad_(True)).backward(torch.ones_like(x)))
             base = dict(shape=shape.name, config=shape.describe(), device=label, dtype=str(dtype).replace("torch.", ""),
                         tokens=shape.tokens)
-
-            def timed(fwd_ms, step_ms, **extra):
-                return dict(base, **extra, forward_ms=fwd_ms, step_ms=step_ms,
-                            tokens_per_s=shape.tokens / step_ms * 1e3, tflops=shape.useful_flops(True) / step_ms / 1e9,
-                            forward_tflops=shape.useful_flops(False) / fwd_ms / 1e9)
-            rows.append(timed(fwd_ms, step_ms, impl="blocksparse_moe", max_abs_err=res["max_abs_err"],
-                              worst_tol_ratio=res["worst_ratio"], worst_tensor=res["worst"],
-                              check="ok" if res["ok"] else "FAIL", peak_gib=peak))
             # Peers around the same router: the same output as ours, or a row that says why not.
-            for name, res in compare_peers(layer, x, *tol[("layer", dtype)],
-                                           lambda peer, layer=layer: time_layer(layer, x, peer, device, **timing)):
-                t = res.get("times")
-                rows.append(timed(*t, impl=name, ours_speedup=t[1] / step_ms, check=res["check"]) if t
-                            else dict(base, impl=name, check=res["check"]))
+            peers = dict(compare_peers(layer, x, *tol[("layer", dtype)]))
+            impls = {"blocksparse_moe": forward, **{n: p["forward"] for n, p in peers.items() if "forward" in p}}
+            steps = {(n, i): f for n, fn in impls.items() for i, f in enumerate(layer_steps(layer, x, fn))}
+            runs = time_rounds(steps, device, **dict(timing, budget_s=timing["budget_s"] * len(impls)))
+
+            def timed(name, **extra):
+                f_ms, s_ms = (statistics.median(runs[(name, i)]) for i in (0, 1))
+                return dict(base, impl=name, **extra, forward_ms=f_ms, step_ms=s_ms,
+                            tokens_per_s=shape.tokens / s_ms * 1e3, tflops=shape.useful_flops(True) / s_ms / 1e9,
+                            forward_tflops=shape.useful_flops(False) / f_ms / 1e9)
+            rows.append(timed("blocksparse_moe", max_abs_err=res["max_abs_err"], worst_tol_ratio=res["worst_ratio"],
+                              worst_tensor=res["worst"], check="ok" if res["ok"] else "FAIL", peak_gib=peak))
+            for name, p in peers.items():
+                if name not in impls:
+                    rows.append(dict(base, impl=name, check=p["check"]))
+                    continue
+                ratio = statistics.median(a / b for a, b in zip(runs[(name, 1)], runs[("blocksparse_moe", 1)]))
+                rows.append(timed(name, ours_speedup=ratio, check=p["check"]))
             del layer
 
     header = ("shape", "impl", "device", "dtype", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "ours x",
@@ -374,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("\nTFLOP/s: useful FLOPs of forward+backward (GLU 18*T*k*H*F, MLP 12*T*k*H*F, + shared expert), "
-          "padding not counted. ours x: this row's fwd+bwd time / blocksparse_moe's (> 1: ours is faster). "
+          "padding not counted. ours x: this row's fwd+bwd time / blocksparse_moe's, the median over the rounds in "
+          "which they took turns (> 1: ours is faster). "
           "err/tol: worst |error| / tolerance over the output and every gradient.")
     for r in (r for r in rows if r["check"] in ("FAIL", "DIFFERS")):
         print(f"FAILED: {r['shape']}: " + (f"{r['impl']}'s output differs from the layer's" if r["check"] == "DIFFERS"

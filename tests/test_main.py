@@ -24,8 +24,7 @@ FAST = dict(min_runs=1, max_runs=1, budget_s=0.0)
 @pytest.fixture
 def tiny_shapes(monkeypatch):
     monkeypatch.setattr(lb, "CPU_SHAPES", TINY)
-    real = lb.time_layer
-    monkeypatch.setattr(lb, "time_layer", lambda *a, **k: real(*a[:4], **FAST))
+    monkeypatch.setattr(lb, "TIMING", FAST)
 
 
 def test_main_job_passes_and_writes_json(tiny_shapes, tmp_path, capsys):
@@ -136,7 +135,7 @@ def test_compare_peers_allows_two_tolerances_between_correct_implementations(mon
         real = peers._loop
         monkeypatch.setattr(peers, "_loop", lambda layer, real=real, shift=shift:
                             (lambda x2, ids, w: real(layer)(x2, ids, w) + shift))
-        got = dict(peers.compare_peers(layer, x, rtol, atol, lambda f: (1.0, 1.0)))
+        got = dict(peers.compare_peers(layer, x, rtol, atol))
         checks[shift] = got["torch loop"]["check"]
         monkeypatch.setattr(peers, "_loop", real)
         assert checks[shift] == expected, checks
