@@ -40,7 +40,7 @@ from . import ops
 from .checks import check_float
 from .ops.experts import autocast_operands, expert_mlp, tokens_per_expert
 from .router import SCORES, Router
-from .topology import check_block_size
+from .topology import block_size_for, check_block_size
 
 
 @dataclass
@@ -121,14 +121,15 @@ class DroplessMoE(nn.Module):
 
     Args:
         hidden_size: ``H``.
-        ffn_hidden_size: ``F``, each expert's inner width; a multiple of ``block_size``.
+        ffn_hidden_size: ``F``, each expert's inner width; a multiple of ``block_size`` (of 16).
         num_experts: ``E``.
         top_k: experts per token.
         activation: ``"silu"`` (default; SwiGLU with ``glu=True``), ``"gelu"``,
             ``"gelu_tanh"``, ``"relu"``.
         glu: gated experts ``act(x Wg) * (x Wu)`` (Mixtral, Qwen, DeepSeek) or a plain MLP.
         bias: expert (and shared-expert) biases ``b1``, ``b2``.
-        block_size: 16, 32, 64 or 128; smaller blocks pad less for fine-grained experts.
+        block_size: 16, 32, 64 or 128, dividing ``ffn_hidden_size``; smaller blocks pad less
+            for fine-grained experts. ``None`` (default): the largest that divides it.
         score, renormalize, scaling_factor, jitter_noise, expert_bias, load_balancing_coef,
             z_loss_coef: the router's (see :class:`~blocksparse_moe.router.Router`).
         shared_expert_size: width of an always-on dense MLP beside the routed ones
@@ -143,7 +144,7 @@ class DroplessMoE(nn.Module):
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, *,
-                 activation: str = "silu", glu: bool = True, bias: bool = False, block_size: int = 128,
+                 activation: str = "silu", glu: bool = True, bias: bool = False, block_size: Optional[int] = None,
                  score: str = "softmax", renormalize: bool = True, scaling_factor: float = 1.0,
                  jitter_noise: float = 0.0, expert_bias: bool = False, load_balancing_coef: float = 0.0,
                  z_loss_coef: float = 0.0, shared_expert_size: int = 0, shared_expert_gate: bool = False,
@@ -155,6 +156,7 @@ class DroplessMoE(nn.Module):
                 raise TypeError(f"DroplessMoE: {name} must be an int, got {type(v).__name__}")
             if v < (0 if name == "shared_expert_size" else 1):
                 raise ValueError(f"DroplessMoE: {name} must be >= {0 if name == 'shared_expert_size' else 1}, got {v}")
+        block_size = block_size_for(ffn_hidden_size, "DroplessMoE: ffn_hidden_size") if block_size is None else block_size
         check_block_size(block_size)
         if ffn_hidden_size % block_size:
             raise ValueError(f"DroplessMoE: ffn_hidden_size ({ffn_hidden_size}) must be a multiple of block_size "

@@ -40,6 +40,17 @@ def check_block_size(block_size: int, name: str = "block_size") -> None:
         raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
 
 
+def block_size_for(ffn: int, name: str) -> int:
+    """The largest supported block size dividing ``ffn``, the experts' inner width: what
+    ``block_size=None`` means wherever a block size is asked for. ``name`` says where
+    ``ffn`` came from, for the error."""
+    block = next((b for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True) if ffn % b == 0), 0)
+    if not block:
+        raise ValueError(f"{name} = {ffn}, which no block size {SUPPORTED_BLOCK_SIZES} divides (pad the "
+                         f"experts' inner width to a multiple of 16)")
+    return block
+
+
 @dataclass(frozen=True)
 class Topology:
     """Blocked CSR-COO metadata of an ``M x N`` block-sparse matrix (see module docstring)."""

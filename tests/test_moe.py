@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 import blocksparse_moe as bm
 from blocksparse_moe import backend, reference
-import blocksparse_moe as bm
 from blocksparse_moe.moe import DenseMLP, DroplessMoE, MoEAux
 from blocksparse_moe.ops.experts import expert_mlp
 from blocksparse_moe.routing import route
@@ -307,6 +306,8 @@ def test_layer_several_block_rows_per_expert_both_paths(path, dtype, tokens, cfg
 @pytest.mark.parametrize("kwargs,exc,match", [
     pytest.param(dict(ffn=48, block_size=32), ValueError, r"ffn_hidden_size \(48\) must be a multiple of block_size \(32\)",
                  id="ffn-not-multiple-of-block"),
+    pytest.param(dict(ffn=40, block_size=None), ValueError, r"ffn_hidden_size = 40, which no block size",
+                 id="default-block-size-but-no-block-divides-ffn"),
     pytest.param(dict(block_size=8), ValueError, "block_size must be one of", id="block-size-8"),
     pytest.param(dict(top_k=5), ValueError, r"top_k \(5\) must be <= num_experts \(4\)", id="k-above-E"),
     pytest.param(dict(activation="tanh"), ValueError, "unknown activation 'tanh'", id="bad-activation"),
@@ -321,6 +322,15 @@ def test_bad_constructor_arguments(kwargs, exc, match):
                 top_k=kwargs.pop("top_k", 2), block_size=kwargs.pop("block_size", 16))
     with pytest.raises(exc, match=match):
         make_layer(**args, **kwargs)
+
+
+@pytest.mark.parametrize("ffn,block", [(16, 16), (48, 16), (96, 32), (192, 64), (1408, 128)])
+def test_default_block_size_is_the_largest_dividing_ffn(ffn, block):
+    # DroplessMoE(H, F, E, k) must work for any F a block size divides, small ones too.
+    layer = DroplessMoE(8, ffn, 2, 1)
+    assert layer.block_size == block
+    out, _ = layer(torch.randn(3, 8))
+    assert out.shape == (3, 8) and torch.isfinite(out).all()
 
 
 def test_bad_forward_arguments():
@@ -350,6 +360,8 @@ def test_expert_mlp_bad_arguments():
         expert_mlp(x, routing, None, w1, w2.double())
     with pytest.raises(TypeError, match="expert_indices must be a tensor, got NoneType"):
         expert_mlp(x, None, None, w1, w2)
+    with pytest.raises(ValueError, match="expert_mlp: w2's F = 24, which no block size"):
+        expert_mlp(x, torch.zeros(5, 2, dtype=torch.int64), None, torch.zeros(4, 48, 32), torch.zeros(4, 24, 32))
     with pytest.raises(ValueError, match="F = 8 .* must be a multiple of block_size 16"):
         expert_mlp(x, routing, None, torch.zeros(4, 16, 32), torch.zeros(4, 8, 32))
     with pytest.raises(ValueError, match=r"expert_mlp: expert_indices must lie in \[0, 4\), got values in \[4, 4\]"):

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from .. import backend, checks
 from ..library import custom_op
 from ..routing import Routing, checked_expert_ids
-from ..topology import check_block_size
+from ..topology import block_size_for, check_block_size
 from .activation import canonical_activation
 
 
@@ -211,9 +211,7 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
     ids = _expert_ids(op, expert_indices, tokens, x.device, check_indices)
     k = ids.shape[1]
     if block_size is None:
-        block_size = next((b for b in (128, 64, 32, 16) if ffn % b == 0), 0)
-        if not block_size:
-            raise ValueError(f"{op}: w2 has F = {ffn}, which no block size (16, 32, 64, 128) divides")
+        block_size = block_size_for(ffn, f"{op}: w2's F")
     check_block_size(block_size, f"{op}: block_size")
     if ffn % block_size:
         raise ValueError(f"{op}: F = {ffn} (w2 {tuple(w2.shape)}) must be a multiple of block_size {block_size}")
