@@ -15,7 +15,8 @@ own router and shared expert around it, so only the expert path differs:
 ``peer_forward(layer, name, x)`` returns ``forward(x) -> out`` or raises ``RuntimeError``
 saying why that peer cannot run here; nothing is copied from the layer's parameters
 (gradients of the first two reach them). ``compare_peers`` checks each peer's output against
-the layer's and times the ones that agree.
+the layer's and hands back the forwards of the ones that agree, for the caller to time
+beside the layer (``timing.time_rounds``).
 """
 
 from __future__ import annotations
