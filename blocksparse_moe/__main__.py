@@ -328,9 +328,19 @@ def run(args: argparse.Namespace) -> int:
                         tokens=shape.tokens)
             # Peers around the same router: the same output as ours, or a row that says why not.
             peers = dict(compare_peers(layer, x, *tol[("layer", dtype)]))
-            impls = {"blocksparse_moe": forward, **{n: p["forward"] for n, p in peers.items() if "forward" in p}}
-            steps = {(n, i): f for n, fn in impls.items() for i, f in enumerate(layer_steps(layer, x, fn))}
-            runs = time_rounds(steps, device, **dict(timing, budget_s=timing["budget_s"] * len(impls)))
+            impls = {"blocksparse_moe": layer_steps(layer, x, forward)}
+            for name, p in ((n, p) for n, p in peers.items() if "forward" in p):
+                try:  # its warm-up, alone: a peer that fails (out of memory, say) is a row, not the end
+                    impls[name] = layer_steps(layer, x, p["forward"])
+                    for f in impls[name]:
+                        f()
+                except RuntimeError as exc:
+                    del impls[name]
+                    p["check"] = f"failed: {exc}"[:120]
+            for f in impls["blocksparse_moe"]:
+                f()
+            runs = time_rounds({(n, i): f for n, fs in impls.items() for i, f in enumerate(fs)}, device,
+                               warmup=False, **dict(timing, budget_s=timing["budget_s"] * len(impls)))
 
             def timed(name, **extra):
                 f_ms, s_ms = (statistics.median(runs[(name, i)]) for i in (0, 1))

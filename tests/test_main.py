@@ -121,6 +121,32 @@ def test_peer_forward_names_its_choices():
         peer_forward(layer, "megablocks", torch.randn(3, 16))
 
 
+def test_main_job_reports_a_peer_that_fails_when_run(tiny_shapes, monkeypatch, tmp_path):
+    # A peer whose step raises (a GPU peer out of memory at a full-size shape) gets a row
+    # saying so; the layer and the other peers are still timed, and the job passes.
+    import blocksparse_moe.peers as peers
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("out of memory (simulated)")
+    real = peers._loop
+    monkeypatch.setattr(peers, "_loop", lambda layer: (lambda x2, ids, w: Boom.apply(real(layer)(x2, ids, w))))
+    path = tmp_path / "out.json"
+    assert main(["--device", "cpu", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    loop = [r for r in rows if r["impl"] == "torch loop"]
+    assert len(loop) == 3
+    for r in loop:
+        assert r["check"] == "failed: out of memory (simulated)" and "step_ms" not in r
+    assert all(r["check"] == "ok" and r["step_ms"] > 0 for r in rows if r["impl"] == "blocksparse_moe")
+    assert all(r["step_ms"] > 0 for r in rows if r["impl"] == "dense ceiling")
+
+
 def test_compare_peers_allows_two_tolerances_between_correct_implementations(monkeypatch):
     # Each implementation may be one tolerance off the exact result, in opposite directions.
     import blocksparse_moe.peers as peers
