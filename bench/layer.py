@@ -413,6 +413,7 @@ def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, tim
         for t in timed:
             try:
                 _time_all([t], device, timing)
+                t.group = -1  # timed alone: no per-round ratios with the others
             except Exception as e:  # noqa: BLE001
                 t.row.update(status=f"failed: {type(e).__name__}: {e}"[:200])
     for t in timed:
