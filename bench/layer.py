@@ -121,7 +121,7 @@ class Case:
 
 def _hf(name: str) -> Callable[[Case], Callable]:
     def make(case: Case) -> Callable:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        from blocksparse_moe.peers import transformers_experts
 
         if name == "batched_mm":
             s, f, h = case.shape.tokens * case.shape.top_k, case.shape.ffn, case.shape.hidden
@@ -130,8 +130,8 @@ def _hf(name: str) -> Callable[[Case], Callable]:
             if need > 0.5 * have:
                 raise MemoryError(f"needs ~{need / 2**30:.0f} GiB for per-slot weight copies, "
                                   f"{have / 2**30:.0f} GiB here")
-        fn = ALL_EXPERTS_FUNCTIONS[name] if name != "eager" else type(case.module).forward.__wrapped__
-        return lambda x, w: fn(case.module, x, case.expert_indices, w)
+        fn = transformers_experts(case.module, impl=name)  # the module's own parameters and layout
+        return lambda x, w: fn(x, case.expert_indices, w)
     return make
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .moe import DroplessMoE
 
-__all__ = ["PEERS", "compare_peers", "peer_forward"]
+__all__ = ["PEERS", "compare_peers", "peer_forward", "transformers_experts", "transformers_module"]
 
 PEERS = ("torch loop", "transformers grouped_mm", "dense ceiling")
 
@@ -62,27 +62,44 @@ def _loop(layer: DroplessMoE) -> Callable:
     return experts
 
 
-def _transformers_grouped_mm(layer: DroplessMoE) -> Callable:
+def transformers_module(w1: torch.Tensor, w2: torch.Tensor, top_k: int, activation: str = "silu") -> torch.nn.Module:
+    """A transformers ``MixtralExperts`` (a bias-free GLU) on the stacks ``w1 [E, 2F, H]``
+    and ``w2 [E, F, H]``, read in place (gradients reach them). ``RuntimeError`` when
+    transformers is missing."""
     try:
         from transformers import MixtralConfig
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts
     except ImportError as exc:
         raise RuntimeError(f"not available ({exc})") from None
-    if not layer.glu or layer.b1 is not None or layer.b2 is not None:
-        raise RuntimeError("transformers' experts are bias-free GLUs; this layer is not one")
-    config = MixtralConfig(hidden_size=layer.hidden_size, intermediate_size=layer.w2.shape[1],
-                           num_local_experts=layer.num_experts, num_experts_per_tok=layer.top_k,
-                           hidden_act=_HF_ACT[layer.activation])
+    experts, ffn, hidden = w2.shape
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
+                           num_experts_per_tok=top_k, hidden_act=_HF_ACT[activation])
     with torch.device("meta"):
         module = MixtralExperts(config)
-    # The layer's tensors in transformers' layout: gate_up_proj [E, 2F, H] is w1 itself,
-    # down_proj [E, H, F] a view of w2 [E, F, H] (gradients flow to the layer's parameters).
+    # Our stacks in transformers' layout: gate_up_proj [E, 2F, H] is w1 itself, down_proj
+    # [E, H, F] a view of w2 [E, F, H].
     del module.gate_up_proj, module.down_proj
-    module.gate_up_proj = layer.w1
-    module.down_proj = layer.w2.transpose(1, 2)
-    fn = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    module.gate_up_proj = w1
+    module.down_proj = w2.transpose(1, 2)
+    return module
+
+
+def transformers_experts(module: torch.nn.Module, impl: str = "grouped_mm") -> Callable:
+    """``experts(x [T, H], ids [T, k], weights [T, k]) -> [T, H]``: transformers' experts
+    implementation ``impl`` (``"grouped_mm"``, ``"batched_mm"``, or ``"eager"``, the
+    module's own per-expert loop) on a transformers experts ``module``."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError as exc:
+        raise RuntimeError(f"not available ({exc})") from None
+    fn = type(module).forward.__wrapped__ if impl == "eager" else ALL_EXPERTS_FUNCTIONS[impl]
     return lambda x2, ids, weights: fn(module, x2, ids, weights)
+
+
+def _transformers_grouped_mm(layer: DroplessMoE) -> Callable:
+    if not layer.glu or layer.b1 is not None or layer.b2 is not None:
+        raise RuntimeError("transformers' experts are bias-free GLUs; this layer is not one")
+    return transformers_experts(transformers_module(layer.w1, layer.w2, layer.top_k, layer.activation))
 
 
 def peer_forward(layer: DroplessMoE, name: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
