@@ -165,3 +165,31 @@ def test_compare_peers_allows_two_tolerances_between_correct_implementations(mon
         checks[shift] = got["torch loop"]["check"]
         monkeypatch.setattr(peers, "_loop", real)
         assert checks[shift] == expected, checks
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "eager"])
+def test_transformers_adapter_computes_the_reference(impl):
+    # The one transformers adapter of the main job and bench/layer.py: our stacks w1
+    # [E, 2F, H] and w2 [E, F, H] as gate_up_proj / down_proj; output and gradients that
+    # reach our stacks, against the float64 reference.
+    pytest.importorskip("transformers")
+    from blocksparse_moe import reference
+    from blocksparse_moe.peers import transformers_experts, transformers_module
+    from tolerances import assert_close
+
+    g = torch.Generator().manual_seed(4)
+    e, f, h, t, k = 4, 8, 16, 12, 2
+    w1 = torch.randn(e, 2 * f, h, generator=g, requires_grad=True)  # fp32: _grouped_mm has no fp64
+    w2 = torch.randn(e, f, h, generator=g, requires_grad=True)
+    x = torch.randn(t, h, generator=g)
+    ids = torch.rand(t, e, generator=g).topk(k, dim=-1).indices
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1)
+    out = transformers_experts(transformers_module(w1, w2, k), impl)(x, ids, weights)
+    dout = torch.randn(out.shape, generator=g)
+    out.backward(dout)
+    got = (out.detach(), w1.grad, w2.grad)
+    w1r, w2r = w1.detach().double().requires_grad_(True), w2.detach().double().requires_grad_(True)
+    ref = reference.experts_reference(x.double(), ids, weights.double(), w1r[:, :f], w2r, w1r[:, f:])
+    ref.backward(dout.double())
+    for name, a, b in zip(("out", "dw1", "dw2"), got, (ref.detach(), w1r.grad, w2r.grad)):
+        assert_close(a, b, torch.float32, "layer", f"transformers {impl} {name}")
