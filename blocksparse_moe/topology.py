@@ -47,7 +47,7 @@ def block_size_for(ffn: int, name: str) -> int:
     block = next((b for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True) if ffn % b == 0), 0)
     if not block:
         raise ValueError(f"{name} = {ffn}, which no block size {SUPPORTED_BLOCK_SIZES} divides (pad the "
-                         f"experts' inner width to a multiple of 16)")
+                         f"experts' inner width to a multiple of {min(SUPPORTED_BLOCK_SIZES)})")
     return block
 
 

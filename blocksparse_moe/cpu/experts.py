@@ -62,7 +62,6 @@ _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # cpu/activation.py
 Tensor = torch.Tensor
 
 
-
 def _saved_shapes(x: Tensor, expert_indices: Tensor, w1: Tensor, num_experts: int):
     slots = expert_indices.shape[0] * expert_indices.shape[1]
     return (slots, w1.shape[1]), (slots,), (num_experts,)
@@ -108,6 +107,12 @@ def _chunks(sizes: List[int], row_bytes: int) -> Iterator[Tuple[int, int, int, i
         yield e0, len(sizes), r0, r1
 
 
+# Groups of at least this many rows on average are written straight into ``out`` one ``mm``
+# each: each GEMM then outweighs a Python call, and the copy out of ``_grouped_mm``'s result
+# would be another pass over the rows.
+_GROUPED_MM_ROWS = 64
+
+
 def _gmm(a: Tensor, b: Tensor, sizes: List[int], out: Optional[Tensor] = None) -> Tensor:
     """``[a[rows of group g] @ b[g] for each g]`` stacked: ``a [R, K]`` with its rows in
     groups of ``sizes``, ``b [G, K, N]``; into ``out`` when given. One
@@ -127,12 +132,6 @@ def _gmm(a: Tensor, b: Tensor, sizes: List[int], out: Optional[Tensor] = None) -
             torch.mm(a[r0:r0 + n], b[g], out=out[r0:r0 + n])
         r0 += n
     return out
-
-
-# Groups of at least this many rows on average are written straight into ``out`` one ``mm``
-# each: each GEMM then outweighs a Python call, and the copy out of ``_grouped_mm``'s result
-# would be another pass over the rows.
-_GROUPED_MM_ROWS = 64
 
 
 def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:

@@ -69,7 +69,6 @@ Segment = Tuple[int, int, int, int, int]  # (first block row, rows, first block 
 Run = Tuple[int, int, int, List[Segment]]  # (first block, block rows, block cols, rectangles)
 
 
-
 def _check_dtype(op: str, t: torch.Tensor, name: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
