@@ -17,6 +17,7 @@ from .ops import (dds, dsd, gather, padded_gather, padded_scatter, scatter, sdd,
 from .router import Router, RouterOutput, load_balancing_loss, z_loss
 from .routing import Routing, route
 from .topology import Topology, make_topology
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ __all__ = [
     "DenseMLP", "DroplessMoE", "MoEAux", "Router", "RouterOutput", "Routing", "SparseMatrix", "Topology",
     "dds", "dsd", "expert_mlp", "gather", "load_balancing_loss", "make_topology", "native_status",
     "padded_gather", "padded_scatter", "route", "scatter", "sdd", "sparse_activation", "sparse_glu",
-    "sparse_glu_packed", "z_loss", "__version__",
+    "sparse_glu_packed", "warmup", "z_loss", "__version__",
 ]

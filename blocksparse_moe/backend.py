@@ -95,6 +95,13 @@ def native_device(device: torch.device) -> Literal["cpu", "cuda"]:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
+def checks_on_device(t: torch.Tensor) -> bool:
+    """Whether a check of ``t``'s values runs on the device (a GPU: ``torch._assert_async``,
+    nothing read back, capturable in a CUDA graph) instead of on the host (CPU tensors: a
+    ``ValueError``, reading host memory costs no synchronisation)."""
+    return t.device.type == "cuda"
+
+
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in float32 for half-precision ``a`` and ``b`` (fp32 accumulation either way).
 

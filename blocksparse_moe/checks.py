@@ -103,6 +103,16 @@ def index_vector(op: str, name: str, t: torch.Tensor, n: int) -> None:
                          f"got {t.dtype} shape {tuple(t.shape)}")
 
 
+def ids_in_range(op: str, name: str, ids: torch.Tensor, n: int) -> None:
+    """Every value of ``ids`` (on the host: CPU tensors) lies in ``[0, n)``, else a ``ValueError``
+    with the range found. One read of the data: GPU callers check on the device instead
+    (``routing.checked_expert_ids``)."""
+    if ids.numel():
+        lo, hi = torch.stack(list(torch.aminmax(ids))).tolist()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{op}: {name} must lie in [0, {n}), got values in [{lo}, {hi}]")
+
+
 def out_buffer(op: str, out: Optional[torch.Tensor], shape_: Sequence[int], dtype: torch.dtype,
                device: torch.device, *, contiguous: bool = False) -> torch.Tensor:
     """``out`` if it fits (shape, dtype, device, and contiguity when asked), else a new one if None."""

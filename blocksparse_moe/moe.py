@@ -128,8 +128,11 @@ class DroplessMoE(nn.Module):
             ``"gelu_tanh"``, ``"relu"``.
         glu: gated experts ``act(x Wg) * (x Wu)`` (Mixtral, Qwen, DeepSeek) or a plain MLP.
         bias: expert (and shared-expert) biases ``b1``, ``b2``.
-        block_size: 16, 32, 64 or 128, dividing ``ffn_hidden_size``; smaller blocks pad less
-            for fine-grained experts. ``None`` (default): the largest that divides it.
+        block_size: the row padding of the expert path, 16, 32, 64 or 128, dividing
+            ``ffn_hidden_size``; smaller blocks pad less when experts get few rows each.
+            ``None`` (default): chosen per call from the token count
+            (:func:`~blocksparse_moe.topology.block_size_for_call`: 16 for a decode step, up
+            to the largest dividing ``ffn_hidden_size`` for a large prefill).
         score, renormalize, scaling_factor, jitter_noise, expert_bias, load_balancing_coef,
             z_loss_coef: the router's (see :class:`~blocksparse_moe.router.Router`).
         shared_expert_size: width of an always-on dense MLP beside the routed ones
@@ -156,9 +159,11 @@ class DroplessMoE(nn.Module):
                 raise TypeError(f"DroplessMoE: {name} must be an int, got {type(v).__name__}")
             if v < (0 if name == "shared_expert_size" else 1):
                 raise ValueError(f"DroplessMoE: {name} must be >= {0 if name == 'shared_expert_size' else 1}, got {v}")
-        block_size = block_size_for(ffn_hidden_size, "DroplessMoE: ffn_hidden_size") if block_size is None else block_size
-        check_block_size(block_size)
-        if ffn_hidden_size % block_size:
+        if block_size is None:
+            block_size_for(ffn_hidden_size, "DroplessMoE: ffn_hidden_size")  # some block size must divide F
+        else:
+            check_block_size(block_size)
+        if block_size is not None and ffn_hidden_size % block_size:
             raise ValueError(f"DroplessMoE: ffn_hidden_size ({ffn_hidden_size}) must be a multiple of block_size "
                              f"({block_size}); pick a block size dividing it (16, 32, 64, 128)")
         if top_k > num_experts:

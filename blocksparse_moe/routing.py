@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import native
+from . import backend, checks, native
 from .library import custom_op
 from .native.fallback import ROUTE_FIELDS
 from .topology import Topology, check_block_size, make_topology, padded_block_rows
@@ -96,20 +96,25 @@ def _checked_expert_ids_fake(expert_indices, num_experts, op):
 
 @custom_op("checked_expert_ids", _checked_expert_ids_fake)
 def _checked_expert_ids(expert_indices: torch.Tensor, num_experts: int, op: str) -> torch.Tensor:
-    if expert_indices.numel():
-        lo, hi = torch.aminmax(expert_indices)
-        lo, hi = torch.stack([lo, hi]).tolist()  # the one host read
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"{op}: expert_indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    if expert_indices.numel() and backend.checks_on_device(expert_indices):
+        # On a GPU the check runs on the device: no synchronisation, capturable in a CUDA
+        # graph. An id out of range raises a device-side assert with this message at the
+        # next synchronisation, and the kernels queued after it never run.
+        ok = ((expert_indices >= 0) & (expert_indices < num_experts)).all()
+        torch._assert_async(ok, f"{op}: expert_indices must lie in [0, {num_experts})")
+    else:
+        checks.ids_in_range(op, "expert_indices", expert_indices, num_experts)  # the one host read
     return expert_indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
 def checked_expert_ids(op: str, expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """A contiguous int64 copy of caller-given expert ids, once each lies in ``[0, E)``.
 
-    THE range check of expert ids, and the only host read of the routing (a synchronisation
-    on a GPU): ids from a caller must not send a kernel out of bounds. Ids that are in range
-    by construction (a router's top-k) skip it. It is an op, so torch.compile does not trace
+    THE range check of expert ids: ids from a caller must not send a kernel out of bounds.
+    On CPU tensors an id out of range is a ``ValueError`` naming the range (one read of host
+    memory); on a GPU the check is a device-side assert (``torch._assert_async``), so it
+    reads nothing back and a CUDA graph can capture it. Ids that are in range by
+    construction (a router's top-k) skip it. It is an op, so torch.compile does not trace
     into the read.
     """
     return _checked_expert_ids(expert_indices, num_experts, op)

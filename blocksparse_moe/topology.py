@@ -51,6 +51,29 @@ def block_size_for(ffn: int, name: str) -> int:
     return block
 
 
+def block_size_for_call(slots, num_experts: int, ffn: int, name: str) -> int:
+    """The row padding ``b`` of one call of the fused expert path, from its shapes only: what
+    ``block_size=None`` means there (``DroplessMoE``'s default, the transformers backend).
+
+    At most ``min(E, T*k)`` experts hold rows, so each holds ``r = T*k / min(E, T*k)`` rows on
+    average and pads fewer than ``b``. The rule takes the largest power of two ``b <= r/2``
+    (so padding stays under about a quarter of the rows), at least 16 and at most the largest
+    block size dividing ``ffn`` (:func:`block_size_for`; every smaller power of two divides
+    it too). A decode step (a few rows per expert) gets 16, a prefill of thousands of tokens
+    gets 64 or 128. The tile sizes of the kernels are chosen separately (their column tiles
+    depend on ``ffn`` only). ``slots = T*k`` may be a ``torch.SymInt`` (torch.compile with a
+    dynamic token count): the rule would guard on it, so such calls take the largest size.
+    """
+    largest = block_size_for(ffn, name)
+    if not isinstance(slots, int) or isinstance(slots, bool):
+        return largest
+    rows = slots // max(1, min(num_experts, slots))
+    block = min(SUPPORTED_BLOCK_SIZES)
+    while block * 2 <= min(largest, rows // 2):
+        block *= 2
+    return block
+
+
 @dataclass(frozen=True)
 class Topology:
     """Blocked CSR-COO metadata of an ``M x N`` block-sparse matrix (see module docstring)."""

@@ -24,6 +24,7 @@ from blocksparse_moe import backend, reference
 from blocksparse_moe.moe import DenseMLP, DroplessMoE, MoEAux
 from blocksparse_moe.ops.experts import expert_mlp
 from blocksparse_moe.routing import route
+from blocksparse_moe.topology import block_size_for_call
 from tolerances import assert_close
 
 DenseMLP, DroplessMoE, MoEAux, expert_mlp, route = bm.DenseMLP, bm.DroplessMoE, bm.MoEAux, bm.expert_mlp, bm.route
@@ -179,7 +180,8 @@ def test_forced_routing_distributions(kind, tokens, experts, top_k, block_size, 
 
 
 def test_padding_waste_is_bounded():
-    """The layer's permuted activation has P <= T*k + E*(b-1) rows, for skewed routings too."""
+    """The layer's permuted activation has P <= T*k + min(E, T*k)*(b-1) rows, for skewed
+    routings too (at most min(E, T*k) experts hold a row, each pads fewer than b)."""
     # The padded layout of every back end: route()'s P (the unfused ops, the CPU sizes) and
     # the Triton path's static bound, which sizes its buffers without reading P.
     from blocksparse_moe.kernels.static_routing import padded_rows_bound
@@ -188,8 +190,8 @@ def test_padding_waste_is_bounded():
         for tokens, experts, k, b in ((37, 8, 2, 16), (5, 64, 8, 32), (100, 4, 1, 128)):
             idx = _forced_indices(kind, tokens, experts, k, 0)
             p = bm.route(idx, experts, b).padded_tokens
-            bound = tokens * k + experts * (b - 1)
-            assert p <= bound, f"{kind}: P={p} > T*k + E*(b-1) = {bound}"
+            bound = tokens * k + min(experts, tokens * k) * (b - 1)
+            assert p <= bound, f"{kind}: P={p} > T*k + min(E, T*k)*(b-1) = {bound}"
             assert bound <= padded_rows_bound(tokens, k, experts, b) < bound + b
             # and it is exactly the block-rounded group sizes
             tpe = torch.bincount(idx.reshape(-1), minlength=experts)
@@ -325,12 +327,41 @@ def test_bad_constructor_arguments(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("ffn,block", [(16, 16), (48, 16), (96, 32), (192, 64), (1408, 128)])
-def test_default_block_size_is_the_largest_dividing_ffn(ffn, block):
-    # DroplessMoE(H, F, E, k) must work for any F a block size divides, small ones too.
+def test_default_block_size_is_chosen_per_call(ffn, block):
+    # DroplessMoE(H, F, E, k) must work for any F a block size divides, small ones too; by
+    # default the row padding is chosen per call, up to the largest block dividing F.
     layer = DroplessMoE(8, ffn, 2, 1)
-    assert layer.block_size == block
+    assert layer.block_size is None
+    assert block_size_for_call(4096, 2, ffn, "F") == block  # 2048 rows per expert: the largest
+    assert block_size_for_call(3, 2, ffn, "F") == 16       # a decode step: the smallest
     out, _ = layer(torch.randn(3, 8))
     assert out.shape == (3, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("slots,experts,ffn,expected", [
+    pytest.param(1, 256, 2048, 16, id="one-token-many-experts"),
+    pytest.param(8, 256, 2048, 16, id="decode-k8"),
+    pytest.param(512, 128, 768, 16, id="qwen3-T64-four-rows-each"),
+    pytest.param(64 * 2, 8, 14336, 16, id="mixtral-T64-16-rows-each"),
+    pytest.param(128 * 2, 8, 14336, 16, id="mixtral-T128-32-rows-each"),
+    pytest.param(256 * 2, 8, 14336, 32, id="mixtral-T256-64-rows-each"),
+    pytest.param(4096 * 8, 128, 768, 128, id="qwen3-prefill"),
+    pytest.param(4096 * 4, 128, 2880, 64, id="gptoss-prefill-capped-by-F"),
+    pytest.param(4096 * 8, 128, 48, 16, id="F-allows-only-16"),
+    pytest.param(0, 8, 256, 16, id="no-tokens"),
+])
+def test_block_size_for_call(slots, experts, ffn, expected):
+    # The largest power of two <= rows-per-hit-expert / 2, within [16, largest dividing F].
+    b = block_size_for_call(slots, experts, ffn, "F")
+    assert b == expected and ffn % b == 0
+
+
+def test_block_size_for_call_symbolic_tokens_take_the_largest():
+    # A SymInt token count (torch.compile, dynamic) must not be guarded on.
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    env = ShapeEnv()
+    sym = env.create_unbacked_symint()
+    assert block_size_for_call(sym * 8, 128, 768, "F") == 128
 
 
 def test_bad_forward_arguments():

@@ -51,6 +51,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from .. import checks
 from .activation import _act_backward_into, _act_into
 from .precision import compute_dtype
 
@@ -80,6 +81,10 @@ def experts_forward_fake(x: Tensor, expert_indices: Tensor, weights: Optional[Te
 def _sort_slots(expert_indices: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
     """``(order [S], counts [E])``: slot ids sorted by expert (stable), slots per expert."""
     flat = expert_indices.reshape(-1)
+    # Callers may skip the range check for a router's ids (nothing to read back on a GPU);
+    # here the counts are read on the host anyway, so an id out of range costs nothing to
+    # name clearly, instead of an error from deep inside the GEMMs.
+    checks.ids_in_range("expert_mlp", "expert_indices", flat, num_experts)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_experts)
     return order, counts

@@ -37,6 +37,7 @@ from .. import ops
 from ..moe import DroplessMoE, MoEAux
 from ..ops.experts import expert_mlp
 from ..routing import route
+from ..topology import block_size_for
 
 __all__ = ["ExpertParallelMoE", "all_to_all"]
 
@@ -109,7 +110,9 @@ class ExpertParallelMoE(nn.Module):
         self.top_k = moe.top_k
         self.activation = moe.activation
         self.glu = moe.glu
-        self.block_size = moe.block_size
+        # The unfused local products need one block size for the whole layer.
+        self.block_size = moe.block_size if moe.block_size is not None else block_size_for(
+            moe.ffn_hidden_size, "ExpertParallelMoE: ffn_hidden_size")
         self.router = moe.router
         self.shared_expert = moe.shared_expert
         self.shared_expert_gate = moe.shared_expert_gate

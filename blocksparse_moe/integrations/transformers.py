@@ -75,7 +75,7 @@ from .. import ops
 from ..matrix import SparseMatrix
 from ..ops.experts import autocast_operands, expert_mlp
 from ..routing import route
-from ..topology import SUPPORTED_BLOCK_SIZES, make_topology
+from ..topology import SUPPORTED_BLOCK_SIZES, block_size_for_call, make_topology
 
 IMPLEMENTATION_NAME = "blocksparse_moe"
 
@@ -336,10 +336,15 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights, w1, w2, has_
     x = hidden_states if hidden_states.dtype == w1.dtype else hidden_states.to(w1.dtype)
     if weights.dtype not in (x.dtype, torch.float32):
         weights = weights.to(x.dtype)
-    # Ids come from outside the package: range-checked (one host read), except under
-    # expert parallelism where the masking above put every one in range.
+    # The ids come from the model's own router (a top-k over E logits, or masked into range
+    # above under expert parallelism): in range by construction, so no check and nothing
+    # read back to the host (a decode step stays capturable in a CUDA graph). The row
+    # padding is chosen per call from T*k (16 at decode), capped by the module's block size.
+    slots = ids.shape[0] * ids.shape[1]
+    block_size = min(block_size, block_size_for_call(slots, int(self.num_experts), ffn_padded,
+                                                     "blocksparse_moe experts: the inner width"))
     out = expert_mlp(x, ids, weights, w1.transpose(1, 2), w2, b1, b2, activation=activation, glu=has_gate,
-                     block_size=block_size, check_indices=not expert_parallel)
+                     block_size=block_size, check_indices=False)
     return out.to(hidden_states.dtype)
 
 

@@ -134,19 +134,28 @@ def operand_class(dtype: torch.dtype, tf32: bool) -> str:
     return "half"
 
 
-def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str) -> Dict[str, int]:
+def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str,
+          caps: Tuple[int, int, int] = (0, 0, 0)) -> Dict[str, int]:
     bm, bn, bk, warps, stages = cfg
     sizes = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     for name in split:
         key = {"m": "BLOCK_M", "n": "BLOCK_N", "k": "BLOCK_K"}[name]
         sizes[key] = min(sizes[key], block_size)
+    for key, cap in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), caps):
+        if cap:
+            sizes[key] = min(sizes[key], cap)
     return {**sizes, "num_warps": warps, "num_stages": stages}
 
 
 def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *, min_warps: int = 1,
                  dtype: torch.dtype = torch.bfloat16, tf32: bool = False,
-                 capability: Optional[Tuple[int, int]] = None) -> List[Dict[str, int]]:
+                 capability: Optional[Tuple[int, int]] = None,
+                 caps: Tuple[int, int, int] = (0, 0, 0)) -> List[Dict[str, int]]:
     """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b.
+
+    ``caps`` bounds ``(BLOCK_M, BLOCK_N, BLOCK_K)`` each on its own (0: no bound): for
+    kernels whose tile sizes must divide different things (the fused expert path's row tile
+    divides the row padding ``b``, its column tiles divide ``F``).
 
     With ``capability`` (e.g. ``(9, 0)``) the answer is the list for that target, computed
     without a GPU (the compile test asks this for sm_80/sm_90/sm_100). Otherwise it is for
@@ -155,11 +164,11 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
     """
     if capability is None:
         if interpret_flag() or device is None or device.type != "cuda":
-            return [_clip(_INTERPRETED, block_size, split)]
+            return [_clip(_INTERPRETED, block_size, split, caps)]
         capability = torch.cuda.get_device_capability(device)
     out: List[Dict[str, int]] = []
     for cfg in _CONFIGS[(target_family(capability), operand_class(dtype, tf32))]:
-        c = _clip(cfg, block_size, split)
+        c = _clip(cfg, block_size, split, caps)
         c["num_warps"] = max(c["num_warps"], min_warps)
         if c not in out:  # clipping to a small b makes several entries equal
             out.append(c)
@@ -171,6 +180,14 @@ def bucket(n: int) -> int:
     tiny batch) does not fix the config for every larger one, and sizes within a factor
     of two share one tuning run."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def token_class(slots: int) -> int:
+    """An autotune key for the routed rows of an expert-path call (``T*k``): the next power of
+    two, clamped to [16, 8192]. Decode steps (a few rows per expert) and prefills (hundreds)
+    want different tiles, so a first 1-token call must not fix the tiles of every later
+    prefill; past 8192 rows the best tiles no longer change with the count."""
+    return min(max(bucket(slots), 16), 8192)
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,8 @@ class Tiles:
     # Kernels whose epilogue holds several fp32 tiles at once (the fused expert path) ask
     # for at least this many warps: the same tile over more threads, fewer registers each.
     min_warps: int = 1
+    # Per-size bounds (BLOCK_M, BLOCK_N, BLOCK_K), 0 = none: see tile_configs.
+    caps: Tuple[int, int, int] = (0, 0, 0)
 
     def constexprs(self) -> Dict[str, object]:
         """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
@@ -203,7 +222,7 @@ class Tiles:
         for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
             precision = "tf32" if tf32 else "ieee"
             for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability,
-                                    min_warps=self.min_warps):
+                                    min_warps=self.min_warps, caps=self.caps):
                 out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
 
@@ -215,7 +234,7 @@ def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple
     """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
     launch's key over the target's candidates (built on first use, then reused)."""
     configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
-                           min_warps=tiles.min_warps)
+                           min_warps=tiles.min_warps, caps=tiles.caps)
     if len(configs) == 1:
         return kernel, dict(configs[0])
     cache_key = (kernel, torch.cuda.get_device_capability(device), tiles, precision)

@@ -24,7 +24,7 @@ block rows. So the SDD is a grouped GEMM over row tiles (expert of a row tile: o
 ``block_expert``), the DSD too, and the transposed products dW1/dW2 walk their expert's
 contiguous row range ``[expert_offsets[e], expert_offsets[e+1])``. Two int32 vectors replace
 the six topology tensors and their static nnz bound; ``kernels/static_routing.py`` builds
-them with static shapes. Shapes are sized by ``P_max = round_up(T*k + E*(b-1), b)``: a row
+them with static shapes. Shapes are sized by ``P_max = round_up(T*k + min(E, T*k)*(b-1), b)``: a row
 tile whose block row is past the real ``P`` reads ``block_expert == E`` and exits at once.
 
 Entry points (the expert-path protocol shared with ``cpu/experts.py``; the ops layer has
@@ -50,7 +50,14 @@ Arguments (every tensor read and written through its strides; ``G = 2`` for a GL
     hidden   [P_max, G*F]  the pre-activation ``[g | u]`` (x's dtype), written by forward, read
              by backward; rows past the real P are never written nor read
 
-Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M <= b):
+Row padding and tiles. The row padding ``b`` (16..128; a multiple of it divides F) is a
+per-call choice (``topology.block_size_for_call``: 16 when experts get a few rows each, at
+decode); the tile sizes are separate choices bounded by what they must divide: a row tile
+never straddles two experts, so the size along rows divides ``b``; sizes along F divide
+``col_tile(F)`` (the largest power of two <= 128 dividing F), whatever ``b`` is; sizes along H
+are masked. Autotune keys carry the call's token-count class (``_common.token_class``).
+
+Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_tile(F)):
     _up_kernel        grid (P_max/BLOCK_M, F/BLOCK_N). Gather-GEMM of x's rows with the gate
                       AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
                       b1 and stores [g | u] (rounded). Reads row_slots, block_expert.
@@ -61,13 +68,13 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs, BLOCK_M 
                       act(g)*u in fp32 and rounds it to x's dtype, the value a stored and
                       reloaded would have, before the dot: a @ W2 without a) and dx (dh @ W1,
                       a plain operand). Reads row_slots, block_expert.
-    _act_bwd_kernel   grid (P_max/BLOCK_M, F/b). Gather-GEMM of dout's rows with W2[e]^T over
-                      one block column (b columns, BLOCK_N at a time); epilogue recomputes
+    _act_bwd_kernel   grid (P_max/BLOCK_M, F/C). Gather-GEMM of dout's rows with W2[e]^T over
+                      one chunk of C columns (BLOCK_N at a time); epilogue recomputes
                       act from the saved h, stores dh = [dg | du] and a (for dW2), and the
-                      router-weight partial sum a . P (+ dout . b2 in block column 0) per slot:
-                      part [F/b, T*k] fp32, summed in fixed order after. Reads row_slots,
+                      router-weight partial sum a . P (+ dout . b2 in chunk 0) per slot:
+                      part [F/C, T*k] fp32, summed in fixed order after. Reads row_slots,
                       block_expert.
-    _wgrad_kernel     grid (E * C/BLOCK_M, cdiv(H, BLOCK_N)). dW[e] = L^T R over expert e's
+    _wgrad_kernel     grid (E * W/BLOCK_M, cdiv(H, BLOCK_N)), W = F or G*F. dW[e] = L^T R over expert e's
                       row range in BLOCK_K steps (BLOCK_K | b, so no row mask), R gathered
                       from the tokens (x, or w_s * dout); fused bias gradient: row sums of L
                       (db1) or of R (db2). Reads expert_offsets, row_slots.
@@ -81,7 +88,7 @@ What each pass allocates (``[P_max, *]`` in x's dtype unless said) and reads:
               written straight into out), out [T, H]. Reads x's rows, W1, b1 (up), then
               hidden once (gate and up tiles), W2, b2 and the weights (down), y (the sum).
     backward  dh [P_max, G*F]; one scratch of max(P_max*F, T*k*H) elements that holds a for
-              dW2, then (a is dead) the per-slot dx rows; part [F/b, T*k] fp32; the
+              dW2, then (a is dead) the per-slot dx rows; part [F/C, T*k] fp32; the
               gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks).
               Reads dout's rows, W2, b2, the weights and hidden (act_bwd), a and dout (dW2),
               dh and x (dW1), dh and W1 (dx).
@@ -154,7 +161,9 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         tok = tl.where(ok, slots // TOP_K, 0).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # F is a multiple of BLOCK_N
+        # int64: a column times a weight's row stride passes 2^31 for legal strided views
+        # (w1 seen through a [2F, E, H] buffer: stride E*H).
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # F is a multiple of BLOCK_N
         offs_k = tl.arange(0, BLOCK_K)
         # The gather: x's rows straight from the tokens, zero rows for padding.
         x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
@@ -168,7 +177,7 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
             wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
             acc_g = _common.dot(xa, wg, acc_g, INTERPRET, INPUT_PRECISION)
             if GLU:
-                wu = tl.load(wg_ptrs + FFN * stride_wc, mask=k_ok[:, None], other=0.0)
+                wu = tl.load(wg_ptrs + FFN.to(tl.int64) * stride_wc, mask=k_ok[:, None], other=0.0)
                 acc_u = _common.dot(xa, wu, acc_u, INTERPRET, INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
@@ -205,7 +214,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W's column stride: int64
         n_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None] * stride_ar + offs_k[None, :] * stride_ac
@@ -249,11 +258,11 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
                     stride_pn, stride_ps,
                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, GLU: tl.constexpr, HAS_B2: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                    DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr,
+                    DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr, PART: tl.constexpr,
                     INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # block column of F: columns [pid_n * BLOCK, (pid_n + 1) * BLOCK)
+    pid_n = tl.program_id(1)  # column chunk of F: columns [pid_n * PART, (pid_n + 1) * PART)
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:
@@ -268,10 +277,10 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
             wv = wv.to(tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
         part = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        # A whole block column per program (not one BLOCK_N tile) so that the router-weight
-        # partial sums have a fixed count, F/b, whatever tile size the autotuner picks.
-        for n0 in range(0, BLOCK, BLOCK_N):
-            cols = pid_n * BLOCK + n0 + tl.arange(0, BLOCK_N)
+        # A whole PART-wide chunk per program (not one BLOCK_N tile) so that the router-weight
+        # partial sums have a fixed count, F/PART, whatever tile size the autotuner picks.
+        for n0 in range(0, PART, BLOCK_N):
+            cols = (pid_n * PART + n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W2's F stride: int64
             d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
             w_ptrs = w2_ptr + ex * stride_we + cols[None, :] * stride_wf + offs_k[:, None] * stride_wh
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -335,8 +344,9 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
     pid_n = tl.program_id(1)
     e = pid // tiles_c
     tc = pid % tiles_c
-    cc = tc * BLOCK_M + tl.arange(0, BLOCK_M)
-    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64: times the strides of x and dW, which strided views can make large.
+    cc = (tc * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    nn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = nn < N
     offs_r = tl.arange(0, BLOCK_K)
     start = tl.load(expert_offsets_ptr + e)
@@ -377,20 +387,30 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 # -- launchers ------------------------------------------------------------------------------
 
-def _tiles(name: str, block_size: int, split: str, dtype: torch.dtype, *sizes, max_tile: int = 128,
-           min_warps: int = 1):
-    """The launch plan of one kernel use: its autotune key is the use's name and size buckets.
+def col_tile(ffn: int) -> int:
+    """The largest power of two <= 128 dividing ``F``: the bound of every tile size that runs
+    along F (and the width of the activation backward's partial-sum chunks). It depends on F
+    only, so column tiles do not shrink when a call pads rows to a small ``b``."""
+    return min(128, ffn & -ffn)
 
-    ``max_tile`` caps the ``split`` tile sizes below ``b`` (it is passed as the block size,
-    which only clips them; the kernels still get the real ``b`` as ``BLOCK``). The up and
-    activation-backward kernels use 64: their epilogues hold four to five fp32 tiles at
-    once (two accumulators, or acc, g, u, act, act'), which spill past 255 registers on
-    sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64 on 4).
-    ``min_warps=8`` for the activation-backward kernel and the down kernel with the GLU on
-    its load: at 4 warps they still spill on sm_80/sm_100 and in fp32 (the compile test).
+
+def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int, int], slots: int, *sizes: int,
+           min_warps: int = 1) -> _common.Tiles:
+    """The launch plan of one kernel use. ``caps`` bounds ``(BLOCK_M, BLOCK_N, BLOCK_K)``: a row
+    tile never straddles two experts, so the size along rows divides the row padding ``b``;
+    sizes along F divide :func:`col_tile`; sizes along H are masked and free.
+
+    The up and activation-backward kernels cap their tiles at 64: their epilogues hold four to
+    five fp32 tiles at once (two accumulators, or acc, g, u, act, act'), which spill past 255
+    registers on sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64
+    on 4). ``min_warps=8`` for the activation-backward kernel and the down kernel with the GLU
+    on its load: at 4 warps they still spill on sm_80/sm_100 and in fp32 (the compile test).
+
+    The autotune key is the use's name, the token-count class of the call
+    (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
     """
-    key = (name, *(_common.bucket(n) for n in sizes))
-    return _common.Tiles(split, min(block_size, max_tile), dtype, key=key, min_warps=min_warps)
+    key = (name, _common.token_class(slots), *(_common.bucket(n) for n in sizes))
+    return _common.Tiles("", block_size, dtype, key=key, min_warps=min_warps, caps=caps)
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -470,13 +490,15 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     # k == 1: each token has one slot, so the down product writes the output itself.
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
+    cols, slots = col_tile(ffn), tokens * top_k
     _common.launch(
         _up_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
         x, w1, b1 if b1 is not None else w1, hidden, row_slots, block_expert,
         hidden_size, ffn, top_k, num_experts,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
         hidden.stride(0), hidden.stride(1),
-        device=device, tiles=_tiles("up", block_size, "mn", dtype, hidden_size, ffn, max_tile=64),
+        device=device, tiles=_tiles("up", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
+                                    hidden_size, ffn),
         BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None)
     # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
     _common.launch(
@@ -485,7 +507,8 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         hidden_size, ffn, top_k, num_experts,
         hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
-        device=device, tiles=_tiles("down-act", block_size, "mk", dtype, hidden_size, ffn, min_warps=8),
+        device=device, tiles=_tiles("down-act", dtype, block_size, (block_size, 0, cols), slots, hidden_size, ffn,
+                                    min_warps=8),
         BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code,
         GLU=glu)
     if top_k > 1:
@@ -541,22 +564,23 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     slot_rows = tokens * top_k if (need_dx and top_k > 1) else 0
     scratch = _new((max(p_max * ffn if need_a else 0, slot_rows * hidden_size),), dtype, device)
     a = scratch[:p_max * ffn].view(p_max, ffn) if need_a else hidden
-    col_blocks = ffn // block_size
-    part = _new((col_blocks, tokens * top_k), torch.float32, device) if need_dwt else None
+    cols, slots = col_tile(ffn), tokens * top_k
+    col_chunks = ffn // cols
+    part = _new((col_chunks, slots), torch.float32, device) if need_dwt else None
     part_arg = part if part is not None else hidden
     gw = weights if weights is not None else x
     if need_dh or need_a or need_dwt:
         _common.launch(
-            _act_bwd_kernel, lambda p: (p_max // p["BLOCK_M"], col_blocks),
+            _act_bwd_kernel, lambda p: (p_max // p["BLOCK_M"], col_chunks),
             dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
             hidden_size, ffn, top_k, num_experts,
             dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
             *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
             a.stride(0), a.stride(1), *_strides2(part_arg),
             BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
-            DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh,
-            device=device, tiles=_tiles("act-bwd", block_size, "mn", dtype, hidden_size, ffn, max_tile=64,
-                                                 min_warps=8))
+            DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, PART=cols,
+            device=device, tiles=_tiles("act-bwd", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
+                                        hidden_size, ffn, min_warps=8))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
         dw, db = (dw2 if dw2 is not None else w2), db2
         _common.launch(
@@ -567,7 +591,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), *_strides2(weights),
             dw.stride(0), dw.stride(1), dw.stride(2), 0, 0, *_strides2(db),
             HAS_WEIGHTS=weights is not None, STORE_DW=need_dw2, SUM_L=False, SUM_R=need_db2,
-            device=device, tiles=_tiles("wgrad", block_size, "mk", dtype, ffn, hidden_size))
+            device=device, tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, ffn, hidden_size))
     if need_dw1 or need_db1:  # dW1 = dh^T x per expert; db1 = column sums of dh
         dw, db = (dw1 if dw1 is not None else w1), db1
         _common.launch(
@@ -578,7 +602,8 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), 0, 0,
             dw.stride(0), dw.stride(1), dw.stride(2), *_strides2(db), 0, 0,
             HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False,
-            device=device, tiles=_tiles("wgrad", block_size, "mk", dtype, groups * ffn, hidden_size))
+            device=device, tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, groups * ffn,
+                                        hidden_size))
     if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
         rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
         _common.launch(
@@ -588,10 +613,11 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
             rows.stride(0), rows.stride(1),
             BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
-            device=device, tiles=_tiles("down", block_size, "mk", dtype, hidden_size, groups * ffn))
+            device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size,
+                                        groups * ffn))
         if top_k > 1:
             torch.sum(rows.view(tokens, top_k, hidden_size), dim=1, out=dx)
-    if need_dwt:  # the F/b partials of each slot, summed in a fixed order
+    if need_dwt:  # the F/C partials of each slot, summed in a fixed order
         if weights.dtype == torch.float32:
             torch.sum(part, dim=0, out=dweights.view(-1))
         else:

@@ -21,8 +21,8 @@ Forward and backward are one ``blocksparse_moe::`` custom op each, so ``torch.co
 sees two opaque nodes whose fakes give static shapes. What backward keeps is the back end's
 ``saved`` list (the pre-activation and the sort order), plus the inputs.
 
-Expert ids passed by a caller are range-checked on the host (one read; a clear error
-instead of an out-of-bounds access). The layer's own router produces ids in range by
+Expert ids passed by a caller are range-checked (on CPU tensors a ``ValueError``; on a GPU a
+device-side assert, so nothing is read back). The layer's own router produces ids in range by
 construction and skips that check (``check_indices=False``).
 """
 
@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from .. import backend, checks
 from ..library import custom_op
 from ..routing import Routing, checked_expert_ids
-from ..topology import block_size_for, check_block_size
+from ..topology import block_size_for_call, check_block_size
 from .activation import canonical_activation
 
 
@@ -160,10 +160,12 @@ def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], we
         b1, b2: optional ``[E, G*F]`` and ``[E, H]`` biases (b2 is weighted like its expert's output).
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` (or Hugging Face aliases).
         glu: ``w1`` packs ``[gate | up]``.
-        block_size: rows per block of the GPU kernels (16, 32, 64, 128; F must be a multiple);
-            default: the routing's, else the largest that divides F.
-        check_indices: range-check ``expert_indices`` on the host (one read of device data).
-            Pass False only for ids in ``[0, E)`` by construction (a router's top-k).
+        block_size: the row padding of the GPU kernels (16, 32, 64, 128; F must be a
+            multiple); default: the routing's, else chosen per call from ``T*k``, ``E`` and
+            ``F`` (:func:`~blocksparse_moe.topology.block_size_for_call`: 16 at decode).
+        check_indices: range-check ``expert_indices``: a ``ValueError`` on CPU tensors, a
+            device-side assert on a GPU (no host read). Pass False only for ids in ``[0, E)``
+            by construction (a router's top-k).
 
     Returns:
         ``[T, H]`` in x's dtype, accumulated in fp32. Differentiable in x, weights, w1, w2, b1, b2.
@@ -210,8 +212,10 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
         block_size = expert_indices.block_size if block_size is None else block_size
     ids = _expert_ids(op, expert_indices, tokens, x.device, check_indices)
     k = ids.shape[1]
+    if ffn < 1:
+        raise ValueError(f"{op}: w2 has F = 0 columns {tuple(w2.shape)}: experts need an inner width >= 1")
     if block_size is None:
-        block_size = block_size_for(ffn, f"{op}: w2's F")
+        block_size = block_size_for_call(tokens * k, experts, ffn, f"{op}: w2's F")
     check_block_size(block_size, f"{op}: block_size")
     if ffn % block_size:
         raise ValueError(f"{op}: F = {ffn} (w2 {tuple(w2.shape)}) must be a multiple of block_size {block_size}")
