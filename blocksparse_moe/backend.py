@@ -19,18 +19,16 @@ itself reads it when a kernel is first launched, so it should be set before that
 from __future__ import annotations
 
 import contextlib
-import os
 from types import ModuleType
 from typing import Iterator, List, Literal, Optional, Protocol, Tuple
 
 import torch
 
+from .interpreter import interpreter_enabled
+
 Backend = Literal["triton", "interpreter", "cpu"]
 
 
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
 
 
 _cpu_override: Optional[Backend] = None

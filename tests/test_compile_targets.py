@@ -104,6 +104,21 @@ def test_tensor_cores_for_every_tensor_core_dtype(results):
     assert checked
 
 
+FUSED = ("_up_kernel", "_down_kernel", "_act_bwd_kernel", "_wgrad_kernel")
+
+
+def test_fused_expert_kernels_run_wgmma_at_every_block_size(results):
+    # fp16/bf16 on sm_90: wgmma at every row padding b. Below 64 rows the row-tiled kernels
+    # compute the product transposed (experts.swap_rows: the rows on the MMA's N side); the
+    # weight gradient's rows are its K, which wgmma takes in steps of 16.
+    checked = set()
+    for r in results:
+        if r["qualname"] in FUSED and r["ok"] and r["capability"] == 90 and ct.dtype_of(r) in ("fp16", "bf16"):
+            assert r["mma"] == "wgmma", ct.label(r)
+            checked.add((r["qualname"], r["constexprs"].get("BLOCK")))
+    assert {16, 128} <= {b for k, b in checked if k == "_up_kernel"}, checked  # transposed and plain
+
+
 def test_products_pipeline_num_stages_deep(results):
     # Every tensor-core product keeps num_stages shared-memory tiles in flight (read from
     # the TTGIR). The dsd kept 1-3 for num_stages 3-5 while it loaded its block column in

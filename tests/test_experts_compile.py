@@ -11,8 +11,9 @@ Arguments are specialised as a real launch on contiguous tensors specialises the
 strides become the constant 1, pointers and the other strides and sizes are known to be
 multiples of 16. Variants: every constexpr branch on (GLU, biases, weights, router-weight
 gradient, the gelu_tanh epilogue or operand load, the heaviest), bf16, at the largest tiles each launcher
-can get on sm_90 (``_plan``: 64 for the up and activation-backward kernels, 128 otherwise)
-with 8 and with 4 warps. ~1 minute of CPU: marked slow.
+can get on sm_90 (``_tiles``: 64 for the up and activation-backward kernels, 128 otherwise)
+with 8 and with 4 warps, at a row padding of 128 and of 16 (the transposed product, SWAP);
+each must run on wgmma. ~2 minutes of CPU: marked slow.
 """
 
 import json
@@ -73,22 +74,28 @@ def _resource_usage(cubin: bytes) -> dict:
 
 VARIANTS = {}
 for _warps, _stages in ((8, 3), (4, 4)):
-    _capped = dict(BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-    _full = dict(BLOCK=128, BLOCK_M=128, BLOCK_N=128 if _warps == 8 else 64, BLOCK_K=64)
-    for _name, _kernel, _consts in [
-        ("up", "_up_kernel", dict(**_capped, GLU=True, HAS_BIAS=True)),
-        ("down", "_down_kernel", dict(**_full, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=False, ACT=0,
-                                      GLU=False)),
-        ("down_glu", "_down_kernel", dict(**_full, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=True, ACT=2,
-                                          GLU=True)),
-        ("act_bwd", "_act_bwd_kernel", dict(**_capped, ACT=2, GLU=True, HAS_B2=True, HAS_WEIGHTS=True,
-                                            DWEIGHTS=True, STORE_A=True, STORE_DH=True)),
-        ("wgrad", "_wgrad_kernel", dict({k: v for k, v in _full.items() if k != "BLOCK"}, HAS_WEIGHTS=True,
-                                        STORE_DW=True, SUM_L=True, SUM_R=True)),
-    ]:
-        _tile = f"{_consts['BLOCK_M']}x{_consts['BLOCK_N']}x{_consts['BLOCK_K']}"
-        VARIANTS[f"{_name}-{_tile}-w{_warps}"] = (_kernel, dict(_consts, INTERPRET=False, INPUT_PRECISION="ieee"),
-                                                 _warps, _stages)
+    # b = 128 (rows on the MMA's M side) and b = 16 (SWAP: the product transposed, the 16 rows
+    # on N, the column tile on M), with column tiles as wide as F allows whatever b is.
+    for _b in (128, 16):
+        _swap = dict(SWAP=_b < 64)
+        _capped = dict(BLOCK=_b, BLOCK_M=min(_b, 64), BLOCK_N=64, BLOCK_K=64)
+        _full = dict(BLOCK=_b, BLOCK_M=min(_b, 128), BLOCK_N=128 if _warps == 8 else 64, BLOCK_K=64)
+        _cases = [
+            ("up", "_up_kernel", dict(**_capped, **_swap, GLU=True, HAS_BIAS=True)),
+            ("down", "_down_kernel", dict(**_full, **_swap, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=False,
+                                          ACT=0, GLU=False)),
+            ("down_glu", "_down_kernel", dict(**_full, **_swap, HAS_BIAS=True, HAS_WEIGHTS=True, ACT_ON_LOAD=True,
+                                              ACT=2, GLU=True)),
+            ("act_bwd", "_act_bwd_kernel", dict(**_capped, **_swap, ACT=2, GLU=True, HAS_B2=True, HAS_WEIGHTS=True,
+                                                DWEIGHTS=True, STORE_A=True, STORE_DH=True, PART=128)),
+        ]
+        if _b == 128:  # the weight gradient's row padding only bounds its K steps
+            _cases.append(("wgrad", "_wgrad_kernel", dict({k: v for k, v in _full.items() if k != "BLOCK"},
+                                                          HAS_WEIGHTS=True, STORE_DW=True, SUM_L=True, SUM_R=True)))
+        for _name, _kernel, _consts in _cases:
+            _tile = f"{_consts['BLOCK_M']}x{_consts['BLOCK_N']}x{_consts['BLOCK_K']}"
+            VARIANTS[f"{_name}-b{_b}-{_tile}-w{_warps}"] = (
+                _kernel, dict(_consts, INTERPRET=False, INPUT_PRECISION="ieee"), _warps, _stages)
 
 
 def _compile_all() -> dict:
@@ -99,7 +106,8 @@ def _compile_all() -> dict:
     for vid, (kernel, consts, warps, stages) in VARIANTS.items():
         try:
             compiled = _compile(getattr(experts, kernel), "*bf16", consts, warps, stages)
-            results[vid] = dict(_resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared)
+            results[vid] = dict(_resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared,
+                                wgmma="wgmma.mma_async" in compiled.asm["ptx"])
         except Exception as e:  # reported by the test of this variant
             results[vid] = dict(error=f"{type(e).__name__}: {e}"[-3000:])
     return results
@@ -122,6 +130,8 @@ def test_compiles_for_sm90_without_spills(compiled, variant):
     assert "error" not in usage, usage.get("error")
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"spills: {usage}"
     assert usage["shared"] <= SM90_SHARED_LIMIT, f"shared memory {usage['shared']} B"
+    # bf16 on Hopper: wgmma at every row padding (b = 16 through the transposed product).
+    assert usage["wgmma"], f"{variant} does not use wgmma"
 
 
 if __name__ == "__main__":

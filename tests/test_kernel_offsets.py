@@ -77,6 +77,16 @@ LONG_STRIDES = {
     "_scatter_wgrad_kernel": ("stride_dout", "stride_y"),
     "_glu_fwd_kernel": ("stride_g", "stride_u", "stride_o"),
     "_glu_bwd_kernel": ("stride_d", "stride_g", "stride_u", "stride_dg", "stride_du"),
+    # The fused expert path (kernels/experts.py): the token of a gathered row (x, dout, the
+    # top-k weights), the padded row, the expert, and the columns of a weight stack (a w1
+    # seen through a [2F, E, H] buffer has a column stride of E*H), of dW and of x (rows of
+    # the weight gradient's right operand run along H).
+    "_up_kernel": ("stride_xt", "stride_we", "stride_wc", "stride_be", "stride_hr"),
+    "_down_kernel": ("stride_ar", "stride_we", "stride_wn", "stride_be", "stride_gt", "stride_ys"),
+    "_act_bwd_kernel": ("stride_dt", "stride_we", "stride_wf", "stride_be", "stride_gt", "stride_hr",
+                        "stride_dhr", "stride_ar", "stride_pn", "stride_ps"),
+    "_wgrad_kernel": ("stride_lr", "stride_st", "stride_sn", "stride_gt", "stride_de", "stride_dc", "stride_dn",
+                      "stride_ble", "stride_bre"),
 }
 
 _SHAPE_OPS = ("arith.extsi", "tt.splat", "tt.broadcast", "tt.expand_dims")

@@ -83,7 +83,7 @@ def test_device_decided_in_one_module():
     backend.native_device) may branch on ``device.type``/``TRITON_INTERPRET`` to pick how
     to compute; the measuring modules (costs, timing, the main job) branch only on how to
     measure (synchronize, do_bench, peak memory)."""
-    allowed = {"backend.py", "costs.py", "timing.py", "__main__.py", "kernels/_common.py"}
+    allowed = {"backend.py", "interpreter.py", "costs.py", "timing.py", "__main__.py", "kernels/_common.py"}
     offenders = []
     for p in PACKAGE.rglob("*.py"):
         rel = p.relative_to(PACKAGE).as_posix()
@@ -94,4 +94,20 @@ def test_device_decided_in_one_module():
                        "is_cuda"):
             if needle in text:
                 offenders.append(f"{rel}: {needle}")
+    assert not offenders, offenders
+
+
+def test_kernels_do_not_import_backend():
+    """The Triton back end (kernels/) never imports the module that picks it (backend.py),
+    not even inside a function: kernels -> backend -> kernels was a cycle (issue 18). What
+    kernels need of the environment comes from the leaf module interpreter.py."""
+    offenders = []
+    for p in (PACKAGE / "kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {a.name for a in node.names}
+                if (node.module or "").endswith("backend") or (node.level and not node.module and "backend" in names):
+                    offenders.append(p.relative_to(PACKAGE).as_posix())
+            elif isinstance(node, ast.Import) and any(a.name.endswith(".backend") for a in node.names):
+                offenders.append(p.relative_to(PACKAGE).as_posix())
     assert not offenders, offenders

@@ -192,7 +192,7 @@ def test_padding_waste_is_bounded():
             p = bm.route(idx, experts, b).padded_tokens
             bound = tokens * k + min(experts, tokens * k) * (b - 1)
             assert p <= bound, f"{kind}: P={p} > T*k + min(E, T*k)*(b-1) = {bound}"
-            assert bound <= padded_rows_bound(tokens, k, experts, b) < bound + b
+            assert bound - b < padded_rows_bound(tokens, k, experts, b) <= bound  # bound rounded down to b
             # and it is exactly the block-rounded group sizes
             tpe = torch.bincount(idx.reshape(-1), minlength=experts)
             assert p == int(((tpe + b - 1) // b * b).sum())
@@ -362,6 +362,16 @@ def test_block_size_for_call_symbolic_tokens_take_the_largest():
     env = ShapeEnv()
     sym = env.create_unbacked_symint()
     assert block_size_for_call(sym * 8, 128, 768, "F") == 128
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=["default-block", "block-16"])
+def test_expert_mlp_rejects_zero_inner_width(block_size):
+    # F = 0 used to pass (0 is a multiple of every block) and leave db2 unwritten.
+    x = torch.randn(3, 8)
+    w1, w2 = torch.randn(2, 0, 8), torch.randn(2, 0, 8)
+    with pytest.raises(ValueError, match="expert_mlp: w2 has F = 0"):
+        expert_mlp(x, torch.zeros(3, 1, dtype=torch.int64), None, w1, w2, b2=torch.randn(2, 8),
+                   block_size=block_size)
 
 
 def test_bad_forward_arguments():

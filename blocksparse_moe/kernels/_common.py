@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend
+from ..interpreter import interpreter_enabled
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 def interpret_flag() -> bool:
     """The ``INTERPRET`` constexpr launchers pass to kernels that call :func:`dot`."""
-    return backend.interpreter_enabled()
+    return interpreter_enabled()
 
 
 def tf32_allowed() -> bool:
@@ -235,7 +235,10 @@ def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple
     launch's key over the target's candidates (built on first use, then reused)."""
     configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
                            min_warps=tiles.min_warps, caps=tiles.caps)
-    if len(configs) == 1:
+    if len(configs) == 1 or torch.are_deterministic_algorithms_enabled():
+        # Deterministic mode: the tiles come from the table (its first entry), not from a
+        # timing run, so two processes or two ranks compute with the same tiles and give
+        # bitwise-equal results (the autotuner's pick can differ from run to run).
         return kernel, dict(configs[0])
     cache_key = (kernel, torch.cuda.get_device_capability(device), tiles, precision)
     tuned = _TUNED.get(cache_key)

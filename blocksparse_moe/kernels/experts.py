@@ -24,8 +24,10 @@ block rows. So the SDD is a grouped GEMM over row tiles (expert of a row tile: o
 ``block_expert``), the DSD too, and the transposed products dW1/dW2 walk their expert's
 contiguous row range ``[expert_offsets[e], expert_offsets[e+1])``. Two int32 vectors replace
 the six topology tensors and their static nnz bound; ``kernels/static_routing.py`` builds
-them with static shapes. Shapes are sized by ``P_max = round_up(T*k + min(E, T*k)*(b-1), b)``: a row
-tile whose block row is past the real ``P`` reads ``block_expert == E`` and exits at once.
+them with static shapes. Grids are sized by ``P_max = round_down(T*k + min(E, T*k)*(b-1), b)``: a
+row tile whose block row is past the real ``P`` reads ``block_expert == E`` and exits at once.
+The buffers of rows (h, dh, a, y) are indexed by slot, ``[T*k, *]``: a padding row of a tile
+reads zeros and stores nothing, so no buffer carries padding.
 
 Entry points (the expert-path protocol shared with ``cpu/experts.py``; the ops layer has
 checked the arguments, the launchers guard only what would touch memory out of bounds):
@@ -34,7 +36,7 @@ checked the arguments, the launchers guard only what would touch memory out of b
     experts_forward_fake(...)  the same shapes, empty (for torch.library fakes)
     experts_backward(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, *, ...,
                      needs_input_grad) -> (dx, dweights, dw1, dw2, db1, db2), None where not asked
-    saved = [hidden [P_max, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets [E+1]]
+    saved = [hidden [T*k, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets [E+1]]
 Every returned shape depends on the input shapes only (torch.compile needs no data-dependent
 size), and neither pass reads device data on the host.
 
@@ -47,8 +49,8 @@ Arguments (every tensor read and written through its strides; ``G = 2`` for a GL
     b1       [E, G*F], b2 [E, H]  or None
     row_slots [P_max] int32, block_expert [P_max/b] int32, expert_offsets [E+1] int32: see
              static_routing.py (built by experts_forward, saved for backward)
-    hidden   [P_max, G*F]  the pre-activation ``[g | u]`` (x's dtype), written by forward, read
-             by backward; rows past the real P are never written nor read
+    hidden   [T*k, G*F]    the pre-activation ``[g | u]`` (x's dtype) of each slot, written by
+             forward, read by backward
 
 Row padding and tiles. The row padding ``b`` (16..128; a multiple of it divides F) is a
 per-call choice (``topology.block_size_for_call``: 16 when experts get a few rows each, at
@@ -61,8 +63,8 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_
     _up_kernel        grid (P_max/BLOCK_M, F/BLOCK_N). Gather-GEMM of x's rows with the gate
                       AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
                       b1 and stores [g | u] (rounded). Reads row_slots, block_expert.
-    _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [P, K]
-                      buffer with W[e] [K, H]; epilogue adds the bias, multiplies by w_s and
+    _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [T*k, K]
+                      buffer (rows by slot) with W[e] [K, H]; epilogue adds the bias, multiplies by w_s and
                       stores each row at its slot (padding rows store nothing). Forward
                       (ACT_ON_LOAD: reads h's gate and up tiles, columns c and F + c, makes
                       act(g)*u in fp32 and rounds it to x's dtype, the value a stored and
@@ -74,29 +76,29 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_
                       router-weight partial sum a . P (+ dout . b2 in chunk 0) per slot:
                       part [F/C, T*k] fp32, summed in fixed order after. Reads row_slots,
                       block_expert.
-    _wgrad_kernel     grid (E * W/BLOCK_M, cdiv(H, BLOCK_N)), W = F or G*F. dW[e] = L^T R over expert e's
-                      row range in BLOCK_K steps (BLOCK_K | b, so no row mask), R gathered
-                      from the tokens (x, or w_s * dout); fused bias gradient: row sums of L
+    _wgrad_kernel     grid (E * W/BLOCK_M, cdiv(H, BLOCK_N)), W = F or G*F. dW[e] = L^T R
+                      over expert e's row range in BLOCK_K steps (BLOCK_K | b), L by slot
+                      (dh or a), R gathered from the tokens (x, or w_s * dout), the next
+                      step's slots loaded one step ahead; fused bias gradient: row sums of L
                       (db1) or of R (db2). Reads expert_offsets, row_slots.
 Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
 two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
 ``_tiles``: their epilogues hold several fp32 tiles at once); the down kernel, the GLU on its
 load included, compiles without spills at 128 (tests/test_experts_compile.py).
 
-What each pass allocates (``[P_max, *]`` in x's dtype unless said) and reads:
-    forward   hidden [P_max, G*F] (kept for backward), y [T*k, H] (none when k == 1:
+What each pass allocates (in x's dtype unless said) and reads:
+    forward   hidden [T*k, G*F] (kept for backward), y [T*k, H] (none when k == 1:
               written straight into out), out [T, H]. Reads x's rows, W1, b1 (up), then
               hidden once (gate and up tiles), W2, b2 and the weights (down), y (the sum).
-    backward  dh [P_max, G*F]; one scratch of max(P_max*F, T*k*H) elements that holds a for
+    backward  dh [T*k, G*F]; one scratch of T*k*max(F, H) elements that holds a for
               dW2, then (a is dead) the per-slot dx rows; part [F/C, T*k] fp32; the
               gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks).
               Reads dout's rows, W2, b2, the weights and hidden (act_bwd), a and dout (dW2),
               dh and x (dW1), dh and W1 (dx).
 Kept for backward (``saved``): hidden and the routing's int32 vectors, besides x, the
-weights and the parameters. At T=256 H=256 F=128 E=16 k=4 b=32 bf16 (unit T*k*H*2 bytes):
-kept 1.54, fresh tensors in forward + backward 5.67 (forward: hidden 1.5 + y 1 + out 0.25;
-one set of weight gradients not counted), host reads 0 (tests/test_experts_triton.py
-measures them).
+weights and the parameters: the floor of DESIGN.md, the pre-activation of each slot.
+tests/test_experts_triton.py pins what one step keeps and allocates (unit T*k*H*2 bytes) and
+that it reads nothing back.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_sum, _rows
 from .static_routing import padded_rows_bound, static_route
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -119,36 +122,12 @@ POISON_BUFFERS = False
 
 
 @triton.jit
-def _act_and_grad(x, ACT: tl.constexpr):
-    """``(act(x), act'(x))`` in fp32; ACT indexes ``ACTIVATIONS``. Constants are literals:
-    the GPU compiler rejects Python globals inside jitted code."""
-    if ACT == 0:  # silu
-        s = tl.sigmoid(x)
-        y = x * s
-        dy = s * (1.0 + x * (1.0 - s))
-    elif ACT == 1:  # gelu (erf): x * Phi(x)
-        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        y = x * cdf
-        dy = cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)
-    elif ACT == 2:  # gelu_tanh; tanh(z) = 2 sigmoid(2z) - 1 (no libdevice, runs interpreted)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        y = 0.5 * x * (1.0 + t)
-        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    else:  # relu
-        pos = x > 0.0
-        y = tl.where(pos, x, 0.0)
-        dy = tl.where(pos, 1.0, 0.0)
-    return y, dy
-
-
-@triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
                H, FFN, TOP_K, NUM_EXPERTS,
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
                stride_hr, stride_hc,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+               GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
@@ -166,33 +145,39 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # F is a multiple of BLOCK_N
         offs_k = tl.arange(0, BLOCK_K)
         # The gather: x's rows straight from the tokens, zero rows for padding.
-        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
-        # W1[e]^T tiles [BLOCK_K, BLOCK_N]: gate rows c, up rows F + c.
-        wg_ptrs = w1_ptr + ex * stride_we + cols[None, :] * stride_wc + offs_k[:, None] * stride_wh
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_t, x_k = _grid2(tok, offs_k, SWAP)
+        x_ptrs = x_ptr + x_t * stride_xt + x_k * stride_xh
+        x_ok, _ = _grid2(ok, offs_k, SWAP)
+        # W1[e]^T tiles [BLOCK_K, BLOCK_N] (transposed with SWAP): gate rows c, up rows F + c.
+        w_k, w_c = _grid2(offs_k, cols, SWAP)
+        wg_ptrs = w1_ptr + ex * stride_we + w_c * stride_wc + w_k * stride_wh
+        acc_g = _acc(BLOCK_M, BLOCK_N, SWAP)
+        acc_u = _acc(BLOCK_M, BLOCK_N, SWAP)
         for k0 in range(0, H, BLOCK_K):
             k_ok = (k0 + offs_k) < H
-            xa = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
-            acc_g = _common.dot(xa, wg, acc_g, INTERPRET, INPUT_PRECISION)
+            xa = tl.load(x_ptrs, mask=x_ok & _cols(k_ok, SWAP), other=0.0)
+            wg = tl.load(wg_ptrs, mask=_rows(k_ok, SWAP), other=0.0)
+            acc_g = _mma(xa, wg, acc_g, SWAP, INTERPRET, INPUT_PRECISION)
             if GLU:
-                wu = tl.load(wg_ptrs + FFN.to(tl.int64) * stride_wc, mask=k_ok[:, None], other=0.0)
-                acc_u = _common.dot(xa, wu, acc_u, INTERPRET, INPUT_PRECISION)
+                wu = tl.load(wg_ptrs + FFN.to(tl.int64) * stride_wc, mask=_rows(k_ok, SWAP), other=0.0)
+                acc_u = _mma(xa, wu, acc_u, SWAP, INTERPRET, INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
         if HAS_BIAS:
             b_ptrs = b1_ptr + ex * stride_be + cols * stride_bc
-            acc_g += tl.load(b_ptrs).to(tl.float32)[None, :]
+            acc_g += _cols(tl.load(b_ptrs).to(tl.float32), SWAP)
             if GLU:
-                acc_u += tl.load(b_ptrs + FFN * stride_bc).to(tl.float32)[None, :]
+                acc_u += _cols(tl.load(b_ptrs + FFN * stride_bc).to(tl.float32), SWAP)
         # Only the pre-activation is stored (rounded): the down product applies the
         # activation as it loads these tiles, so forward and backward both differentiate
         # the function of the same rounded values.
-        h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
-        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty))
+        # By slot, not by padded row: h is [T*k, G*F], what the tokens need, and a padding
+        # row stores nothing.
+        h_s, h_c = _grid2(tl.where(ok, slots, 0).to(tl.int64), cols, SWAP)
+        h_ptrs = h_ptr + h_s * stride_hr + h_c * stride_hc
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=x_ok)
         if GLU:
-            tl.store(h_ptrs + FFN * stride_hc, acc_u.to(h_ptr.dtype.element_ty))
+            tl.store(h_ptrs + FFN * stride_hc, acc_u.to(h_ptr.dtype.element_ty), mask=x_ok)
 
 
 @triton.jit
@@ -202,7 +187,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
                  stride_gt, stride_gj, stride_ys, stride_yn,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                 ACT_ON_LOAD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+                 ACT_ON_LOAD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, SWAP: tl.constexpr,
                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
@@ -214,39 +199,46 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
+        slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride exceeds int32 on big layers
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W's column stride: int64
         n_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * stride_ar + offs_k[None, :] * stride_ac
-        w_ptrs = w_ptr + ex * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The left operand ([T*k, K], by slot) of a padding row is a zero row.
+        a_s, a_k = _grid2(slot, offs_k, SWAP)
+        a_ok, _ = _grid2(ok, offs_k, SWAP)
+        a_ptrs = a_ptr + a_s * stride_ar + a_k * stride_ac
+        w_k, w_n = _grid2(offs_k, cols, SWAP)
+        w_ptrs = w_ptr + ex * stride_we + w_k * stride_wk + w_n * stride_wn
+        w_ok = _cols(n_ok, SWAP)
+        acc = _acc(BLOCK_M, BLOCK_N, SWAP)
         for k0 in range(0, KDIM, BLOCK_K):  # KDIM (F or 2F) is a multiple of BLOCK_K
             if ACT_ON_LOAD:
                 # The GLU on the operand load: the [P, G*F] buffer is the pre-activation
                 # h = [g | u] (KDIM = F: gate column c, up column F + c), a = act(g) * u
                 # (or act(h)) in fp32, rounded once to the storage dtype: the same numbers
                 # as storing a and reloading it, and as backward's recomputed a.
-                g = tl.load(a_ptrs).to(tl.float32)
+                g = tl.load(a_ptrs, mask=a_ok, other=0.0).to(tl.float32)
                 act, _ = _act_and_grad(g, ACT)
                 if GLU:
-                    act = act * tl.load(a_ptrs + KDIM * stride_ac).to(tl.float32)
+                    act = act * tl.load(a_ptrs + KDIM * stride_ac, mask=a_ok, other=0.0).to(tl.float32)
                 a = act.to(a_ptr.dtype.element_ty)
             else:
-                a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-            acc = _common.dot(a, w, acc, INTERPRET, INPUT_PRECISION)
+                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+            acc = _mma(a, w, acc, SWAP, INTERPRET, INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ac
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride_ys exceeds int32 on big layers
+            bias = tl.load(bias_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            acc += _cols(bias, SWAP)
         if HAS_WEIGHTS:
             t = slot // TOP_K
             wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
-            acc = acc * wv.to(tl.float32)[:, None]
+            acc = acc * _rows(wv.to(tl.float32), SWAP)
         # The scatter: each real row to its slot (each slot has exactly one row).
-        tl.store(y_ptr + slot[:, None] * stride_ys + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=ok[:, None] & n_ok[None, :])
+        y_s, y_n = _grid2(slot, cols, SWAP)
+        ok_s, ok_n = _grid2(ok, n_ok, SWAP)
+        tl.store(y_ptr + y_s * stride_ys + y_n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=ok_s & ok_n)
 
 
 @triton.jit
@@ -259,7 +251,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, GLU: tl.constexpr, HAS_B2: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                     DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr, PART: tl.constexpr,
-                    INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    SWAP: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)  # column chunk of F: columns [pid_n * PART, (pid_n + 1) * PART)
@@ -274,48 +266,53 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
         tok = slot // TOP_K
         if HAS_WEIGHTS:
             wv = tl.load(gw_ptr + tok * stride_gt + (slot - tok * TOP_K) * stride_gj, mask=ok, other=0.0)
-            wv = wv.to(tl.float32)
+            wv = _rows(wv.to(tl.float32), SWAP)
         offs_k = tl.arange(0, BLOCK_K)
+        d_t, d_k = _grid2(tok, offs_k, SWAP)
+        d_ok, _ = _grid2(ok, offs_k, SWAP)
         part = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # A whole PART-wide chunk per program (not one BLOCK_N tile) so that the router-weight
         # partial sums have a fixed count, F/PART, whatever tile size the autotuner picks.
         for n0 in range(0, PART, BLOCK_N):
             cols = (pid_n * PART + n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W2's F stride: int64
-            d_ptrs = dout_ptr + tok[:, None] * stride_dt + offs_k[None, :] * stride_dh
-            w_ptrs = w2_ptr + ex * stride_we + cols[None, :] * stride_wf + offs_k[:, None] * stride_wh
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            d_ptrs = dout_ptr + d_t * stride_dt + d_k * stride_dh
+            w_k, w_c = _grid2(offs_k, cols, SWAP)
+            w_ptrs = w2_ptr + ex * stride_we + w_c * stride_wf + w_k * stride_wh
+            acc = _acc(BLOCK_M, BLOCK_N, SWAP)
             for k0 in range(0, H, BLOCK_K):
                 k_ok = (k0 + offs_k) < H
-                d = tl.load(d_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-                acc = _common.dot(d, w, acc, INTERPRET, INPUT_PRECISION)
+                d = tl.load(d_ptrs, mask=d_ok & _cols(k_ok, SWAP), other=0.0)
+                w = tl.load(w_ptrs, mask=_rows(k_ok, SWAP), other=0.0)
+                acc = _mma(d, w, acc, SWAP, INTERPRET, INPUT_PRECISION)
                 d_ptrs += BLOCK_K * stride_dh
                 w_ptrs += BLOCK_K * stride_wh
-            # acc = dout_t W2_e^T (unweighted). Epilogue: the activation's backward.
-            h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
-            g = tl.load(h_ptrs).to(tl.float32)
+            # acc = dout_t W2_e^T (unweighted). Epilogue: the activation's backward, reading
+            # h and writing a and dh by slot ([T*k, *]); padding rows read and store nothing.
+            t_s, t_c = _grid2(slot, cols, SWAP)
+            h_ptrs = h_ptr + t_s * stride_hr + t_c * stride_hc
+            g = tl.load(h_ptrs, mask=d_ok, other=0.0).to(tl.float32)
             act, dact = _act_and_grad(g, ACT)
             if GLU:
-                u = tl.load(h_ptrs + FFN * stride_hc).to(tl.float32)
+                u = tl.load(h_ptrs + FFN * stride_hc, mask=d_ok, other=0.0).to(tl.float32)
                 a = act * u
             else:
                 a = act
             a = a.to(dh_ptr.dtype.element_ty)  # exactly forward's a (same rounded inputs, same ops)
             if STORE_A:
-                tl.store(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, a)
+                tl.store(a_ptr + t_s * stride_ar + t_c * stride_ac, a, mask=d_ok)
             if DWEIGHTS:
-                part += tl.sum(a.to(tl.float32) * acc, axis=1)
+                part += _row_sum(a.to(tl.float32) * acc, SWAP)
             if HAS_WEIGHTS:
-                da = acc * wv[:, None]
+                da = acc * wv
             else:
                 da = acc
             if STORE_DH:
-                dh_ptrs = dh_ptr + rows[:, None] * stride_dhr + cols[None, :] * stride_dhc
+                dh_ptrs = dh_ptr + t_s * stride_dhr + t_c * stride_dhc
                 if GLU:
-                    tl.store(dh_ptrs, (da * u * dact).to(dh_ptr.dtype.element_ty))
-                    tl.store(dh_ptrs + FFN * stride_dhc, (da * act).to(dh_ptr.dtype.element_ty))
+                    tl.store(dh_ptrs, (da * u * dact).to(dh_ptr.dtype.element_ty), mask=d_ok)
+                    tl.store(dh_ptrs + FFN * stride_dhc, (da * act).to(dh_ptr.dtype.element_ty), mask=d_ok)
                 else:
-                    tl.store(dh_ptrs, (da * dact).to(dh_ptr.dtype.element_ty))
+                    tl.store(dh_ptrs, (da * dact).to(dh_ptr.dtype.element_ty), mask=d_ok)
         if DWEIGHTS:
             if HAS_B2:
                 if pid_n == 0:  # b2's share of y_s . dout_t, added once per slot
@@ -354,15 +351,21 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sum_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # Expert e's rows are one contiguous range, a multiple of b long (BLOCK_K | b): no row
-    # mask. An empty expert runs no step and stores zeros.
+    # Expert e's rows are one contiguous range, a multiple of b long (BLOCK_K | b). An empty
+    # expert runs no step and stores zeros. The slots of the next BLOCK_K rows are loaded one
+    # step ahead, so that the operand loads of a step depend on no load of the same step
+    # and the pipeliner can keep num_stages of them in flight.
+    nxt = start + offs_r
+    slots_next = tl.load(row_slots_ptr + nxt, mask=nxt < end, other=-1)
     for r0 in range(start, end, BLOCK_K):
-        rr = (r0 + offs_r).to(tl.int64)  # r0 + offs_r < P <= int32 max
-        l = tl.load(l_ptr + rr[None, :] * stride_lr + cc[:, None] * stride_lc)  # [BLOCK_M, BLOCK_K] = L^T tile
-        slots = tl.load(row_slots_ptr + rr)
+        slots = slots_next
+        nxt = r0 + BLOCK_K + offs_r
+        slots_next = tl.load(row_slots_ptr + nxt, mask=nxt < end, other=-1)
         ok = slots >= 0
         slot = tl.where(ok, slots, 0).to(tl.int64)
         tok = slot // TOP_K
+        # L is [T*k, C] by slot (h's gradient, or a): a padding row is a zero column of L^T.
+        l = tl.load(l_ptr + slot[None, :] * stride_lr + cc[:, None] * stride_lc, mask=ok[None, :], other=0.0)
         r = tl.load(src_ptr + tok[:, None] * stride_st + nn[None, :] * stride_sn,
                     mask=ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_WEIGHTS:
@@ -386,6 +389,21 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 
 # -- launchers ------------------------------------------------------------------------------
+
+# Column tiles of the activation backward: its epilogue holds acc, g, u, act and act' at
+# once; in fp32 a 64x64 tile (8 warps, 3 stages) spilled 16 bytes on sm_90 (plain relu MLP,
+# b = 128, the compile test), so fp32 takes 32 columns.
+_ACT_BWD_COLS = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+
+
+def swap_rows(block_size: int) -> bool:
+    """Whether the row-tiled kernels compute their product transposed (tokens on the MMA's N
+    side): below 64 rows of padding, a row tile cannot fill wgmma's M side (64 per warpgroup),
+    and mma.sync would run instead; transposed, the 64- or 128-wide column tile is M and the
+    16 or 32 rows are N, which wgmma takes from 8. At 64 and 128 rows the plain orientation is
+    already wgmma."""
+    return block_size < 64
+
 
 def col_tile(ffn: int) -> int:
     """The largest power of two <= 128 dividing ``F``: the bound of every tile size that runs
@@ -463,7 +481,7 @@ def experts_forward_fake(x: torch.Tensor, expert_indices: torch.Tensor, weights:
     tokens, top_k, hidden, ffn, groups, p_max, _ = _layout(x, expert_indices, w1, w2, weights, b1, b2, num_experts,
                                                            act, glu, block_size, "experts_forward")
     i32 = torch.int32
-    saved = [x.new_empty((p_max, groups * ffn)), x.new_empty((p_max,), dtype=i32),
+    saved = [x.new_empty((tokens * top_k, groups * ffn)), x.new_empty((p_max,), dtype=i32),
              x.new_empty((p_max // block_size,), dtype=i32), x.new_empty((num_experts + 1,), dtype=i32)]
     return x.new_empty((tokens, hidden)), saved
 
@@ -483,7 +501,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     row_slots, block_expert, expert_offsets, _ = static_route(expert_indices, num_experts, block_size)
     dtype, device = x.dtype, x.device
     out = _new((tokens, hidden_size), dtype, device)
-    hidden = _new((p_max, groups * ffn), dtype, device)
+    hidden = _new((tokens * top_k, groups * ffn), dtype, device)  # by slot: no padding row
     saved = [hidden, row_slots, block_expert, expert_offsets]
     if tokens == 0 or hidden_size == 0:
         return out.zero_(), saved
@@ -499,7 +517,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         hidden.stride(0), hidden.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
                                     hidden_size, ffn),
-        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None)
+        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, SWAP=swap_rows(block_size))
     # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
     _common.launch(
         _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
@@ -510,7 +528,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         device=device, tiles=_tiles("down-act", dtype, block_size, (block_size, 0, cols), slots, hidden_size, ffn,
                                     min_warps=8),
         BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code,
-        GLU=glu)
+        GLU=glu, SWAP=swap_rows(block_size))
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
@@ -532,7 +550,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     tokens, top_k, hidden_size, ffn, groups, p_max, code = _layout(
         x, expert_indices, w1, w2, weights, b1, b2, num_experts, act, glu, block_size, op)
     hidden, row_slots, block_expert, expert_offsets = saved
-    expected = ((hidden, (p_max, groups * ffn), x.dtype), (row_slots, (p_max,), torch.int32),
+    expected = ((hidden, (tokens * top_k, groups * ffn), x.dtype), (row_slots, (p_max,), torch.int32),
                 (block_expert, (p_max // block_size,), torch.int32), (expert_offsets, (num_experts + 1,), torch.int32))
     for i, (t, shape, dt) in enumerate(expected):
         if tuple(t.shape) != shape or t.dtype != dt or (t.dim() == 1 and t.numel() and t.stride(0) != 1):
@@ -556,15 +574,15 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     if tokens == 0 or hidden_size == 0:  # no rows: every sum is empty
         return tuple(g.zero_() if g is not None else None for g in grads)
 
+    cols, slots = col_tile(ffn), tokens * top_k
     need_dh = need_dx or need_dw1 or need_db1
     need_a = need_dw2 or need_db2
-    dh = _new((p_max, groups * ffn), dtype, device) if need_dh else hidden  # hidden: never written then
+    dh = _new((slots, groups * ffn), dtype, device) if need_dh else hidden  # hidden: never written then
     # One scratch for two tensors never alive together: a (read by dW2) and then the
     # per-slot rows of dx (written after dW2 ran; stream order keeps them apart).
     slot_rows = tokens * top_k if (need_dx and top_k > 1) else 0
-    scratch = _new((max(p_max * ffn if need_a else 0, slot_rows * hidden_size),), dtype, device)
-    a = scratch[:p_max * ffn].view(p_max, ffn) if need_a else hidden
-    cols, slots = col_tile(ffn), tokens * top_k
+    scratch = _new((max(slots * ffn if need_a else 0, slot_rows * hidden_size),), dtype, device)
+    a = scratch[:slots * ffn].view(slots, ffn) if need_a else hidden
     col_chunks = ffn // cols
     part = _new((col_chunks, slots), torch.float32, device) if need_dwt else None
     part_arg = part if part is not None else hidden
@@ -578,8 +596,10 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
             a.stride(0), a.stride(1), *_strides2(part_arg),
             BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
+            SWAP=swap_rows(block_size),
             DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, PART=cols,
-            device=device, tiles=_tiles("act-bwd", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
+            device=device, tiles=_tiles("act-bwd", dtype, block_size,
+                                        (min(block_size, 64), min(cols, _ACT_BWD_COLS[dtype]), 0), slots,
                                         hidden_size, ffn, min_warps=8))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
         dw, db = (dw2 if dw2 is not None else w2), db2
@@ -613,6 +633,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
             rows.stride(0), rows.stride(1),
             BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
+            SWAP=swap_rows(block_size),
             device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size,
                                         groups * ffn))
         if top_k > 1:

@@ -1,0 +1,87 @@
+"""How the Triton launchers pick tiles (kernels/_common.py, kernels/experts.py `_tiles`).
+
+* Row tiles divide the row padding ``b``; tiles along F divide ``col_tile(F)``, whatever ``b``
+  is (a small ``b`` at decode must not shrink the column tiles).
+* Autotune keys carry the call's token-count class, so a first 1-token call does not fix the
+  tiles of later prefills.
+* Under ``torch.use_deterministic_algorithms(True)`` the tiles come from the table, not from
+  a timing run, so two processes compute with the same tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocksparse_moe.kernels import _common, experts
+
+
+@pytest.mark.parametrize("ffn,expected", [(16, 16), (48, 16), (96, 32), (768, 128), (1408, 128), (2880, 64),
+                                          (14336, 128), (1536, 128), (80, 16)])
+def test_col_tile_is_the_largest_power_of_two_dividing_ffn(ffn, expected):
+    assert experts.col_tile(ffn) == expected and ffn % expected == 0
+
+
+@pytest.mark.parametrize("b", [16, 32, 64, 128])
+def test_column_tiles_do_not_shrink_with_the_row_padding(b):
+    ffn = 768
+    cols = experts.col_tile(ffn)
+    # The up kernel's plan on sm_90: rows <= min(b, 64), columns <= min(col_tile, 64).
+    plan = experts._tiles("up", torch.bfloat16, b, (min(b, 64), min(cols, 64), 0), 8, 2048, ffn)
+    configs = plan.variants((9, 0))
+    assert {c["BLOCK_M"] for c in configs} <= {m for m in (16, 32, 64) if m <= b}
+    assert max(c["BLOCK_N"] for c in configs) == 64, "column tiles clipped to b"
+    # The down kernel's K runs along F: bounded by col_tile, not by b.
+    plan = experts._tiles("down-act", torch.bfloat16, b, (b, 0, cols), 8, 2048, ffn)
+    assert max(c["BLOCK_K"] for c in plan.variants((9, 0))) == 64  # the table's largest BLOCK_K
+    assert all(c["BLOCK_M"] <= b for c in plan.variants((9, 0)))
+
+
+@pytest.mark.parametrize("slots,cls", [(0, 16), (1, 16), (8, 16), (17, 32), (512, 512), (4097, 8192),
+                                       (1 << 20, 8192)])
+def test_token_class(slots, cls):
+    assert _common.token_class(slots) == cls
+
+
+def test_decode_and_prefill_tune_apart():
+    decode = experts._tiles("up", torch.bfloat16, 16, (16, 64, 0), 8, 2048, 768)
+    prefill = experts._tiles("up", torch.bfloat16, 16, (16, 64, 0), 4096 * 8, 2048, 768)
+    assert decode != prefill and decode.key != prefill.key
+
+
+def _fake_gpu(monkeypatch):
+    """Make _runner see a GPU's several candidate configs on a CPU tensor."""
+    monkeypatch.setattr(_common, "interpret_flag", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_common, "_TUNED", {})
+
+
+def test_deterministic_mode_takes_tiles_from_the_table(monkeypatch):
+    _fake_gpu(monkeypatch)
+    tiles = _common.Tiles("", 64, torch.bfloat16, key=("t",), caps=(64, 64, 0))
+    device = torch.device("cuda", 0)
+    candidates = _common.tile_configs(64, "", device, dtype=torch.bfloat16, caps=(64, 64, 0))
+    assert len(candidates) > 1
+    kernel = object()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runner, meta = _common._runner(kernel, tiles, device, "ieee")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert runner is kernel and meta == candidates[0]
+    assert not _common._TUNED, "an autotuner was built in deterministic mode"
+
+
+def test_autotuner_otherwise(monkeypatch):
+    import triton
+
+    _fake_gpu(monkeypatch)
+
+    @triton.jit
+    def k(x, BLOCK_M: "tl.constexpr", BLOCK_N: "tl.constexpr", BLOCK_K: "tl.constexpr"):
+        pass
+
+    tiles = _common.Tiles("", 64, torch.bfloat16, key=("t",), caps=(64, 64, 0))
+    runner, meta = _common._runner(k, tiles, torch.device("cuda", 0), "ieee")
+    assert meta == {} and runner is not k and len(_common._TUNED) == 1
