@@ -9,6 +9,7 @@ compiled or autotuned, on first use.
 """
 
 from .native import native_status
+from . import fp8
 from .matrix import SparseMatrix
 from .moe import DenseMLP, DroplessMoE, MoEAux
 from .ops.experts import expert_mlp
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DenseMLP", "DroplessMoE", "MoEAux", "Router", "RouterOutput", "Routing", "SparseMatrix", "Topology",
-    "dds", "dsd", "expert_mlp", "gather", "load_balancing_loss", "make_topology", "native_status",
+    "dds", "dsd", "expert_mlp", "fp8", "gather", "load_balancing_loss", "make_topology", "native_status",
     "padded_gather", "padded_scatter", "route", "scatter", "sdd", "sparse_activation", "sparse_glu",
     "sparse_glu_packed", "warmup", "z_loss", "__version__",
 ]

@@ -174,6 +174,13 @@ class Implementation(Protocol):
                              block_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Empty tensors of :meth:`experts_forward`'s shapes (for torch.compile's fake mode)."""
 
+    def experts_forward_fp8(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
+                            w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                            b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], *, num_experts: int, act: str,
+                            glu: bool, block_size: int) -> torch.Tensor:
+        """The fused expert path with float8_e4m3fn weights and float32 block scales
+        (``blocksparse_moe/fp8.py``'s format): ``out [T, H]`` in x's dtype; forward only."""
+
     def experts_backward(self, dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Tensor,
                          expert_indices: torch.Tensor, weights: Optional[torch.Tensor], w1: torch.Tensor,
                          w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], *,

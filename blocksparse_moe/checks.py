@@ -171,3 +171,57 @@ def choice(op: str, name: str, v, options: Sequence) -> None:
     """``v`` is one of ``options``."""
     if v not in options:
         raise ValueError(f"{op}: {name} must be one of {tuple(options)}, got {v!r}")
+
+
+# -- FP8 expert weights (blocksparse_moe/fp8.py's format) --------------------------------
+
+#: Compute capability from which a GPU has fp8 tensor cores (sm_89 Ada, sm_90 Hopper, sm_100 ...).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_activation_dtypes(t: torch.Tensor) -> Tuple[torch.dtype, ...]:
+    """The dtypes of ``x`` the fp8 expert path takes: bf16/fp16 (the kernels' operands), and
+    float32 on the CPU path too (its products are float32 anyway)."""
+    halves = (torch.bfloat16, torch.float16)
+    return halves + (torch.float32,) if backend.select(t) == "cpu" else halves
+
+
+def fp8_device(op: str, name: str, t: torch.Tensor) -> None:
+    """A GPU that runs fp8 weights must have fp8 tensor cores (no silent bf16 fallback)."""
+    if backend.select(t) != "triton":
+        return
+    cap = tuple(torch.cuda.get_device_capability(t.device))
+    if cap < FP8_MIN_CAPABILITY:
+        raise ValueError(f"{op}: {name} is float8_e4m3fn but {t.device} is sm_{cap[0]}{cap[1]}, without fp8 tensor "
+                         f"cores (compute capability >= 8.9: Ada, Hopper, Blackwell); dequantize the weights "
+                         f"(blocksparse_moe.fp8.dequantize_weight_blockwise) to run them in bf16")
+
+
+def fp8_weight(op: str, name: str, w: torch.Tensor, scale_name: str, scale, expected: Sequence[int],
+               doc: str) -> None:
+    """``w`` is a float8_e4m3fn weight with its float32 block ``scale`` of shape ``expected``
+    (``doc`` names it, e.g. "[E, ceil(G*F/128), ceil(H/128)]"), on ``w``'s device."""
+    from .fp8 import FP8_DTYPE
+
+    if w.dtype != FP8_DTYPE:
+        raise TypeError(f"{op}: {name} must be float8_e4m3fn (with float32 block scales {scale_name}), got {w.dtype}")
+    if scale is None:
+        raise ValueError(f"{op}: {name} is float8_e4m3fn and needs its block scales {scale_name} {doc}")
+    tensor(op, scale_name, scale)
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{op}: {scale_name} must be float32, got {scale.dtype}")
+    shape(op, scale_name, scale, expected, doc)
+    same_device(op, ((name, w), (scale_name, scale)))
+
+
+def no_fp8_scales(op: str, named_scales: Sequence[Tuple[str, object]], weights: str) -> None:
+    """Scales given to a call whose weights are not fp8 are an error, not ignored."""
+    for name, s in named_scales:
+        if s is not None:
+            raise TypeError(f"{op}: {name} is given but {weights} are not float8_e4m3fn; block scales go with "
+                            f"float8_e4m3fn weights (blocksparse_moe.fp8.quantize_weight_blockwise)")
+
+
+def is_fp8(t) -> bool:
+    """``t`` is a tensor of an 8-bit float dtype (e4m3fn, e5m2, ...)."""
+    return isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.element_size() == 1

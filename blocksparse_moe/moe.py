@@ -248,8 +248,8 @@ class DroplessMoE(nn.Module):
             raise ValueError(f"DroplessMoE: x must be [..., {self.hidden_size}], got shape {tuple(x.shape)}")
         amp = (torch.get_autocast_dtype(x.device.type)
                if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) else None)
-        if x.dtype != self.w1.dtype and x.dtype != amp:
-            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self.w1.dtype}"
+        if x.dtype != self._param_dtype() and x.dtype != amp:
+            raise TypeError(f"DroplessMoE: x is {x.dtype} but the layer's parameters are {self._param_dtype()}"
                             + (f" (and autocast's dtype is {amp})" if amp is not None else ""))
         if x.device != self.w1.device:
             raise ValueError(f"DroplessMoE: x is on {x.device} but the layer's parameters are on {self.w1.device}")
@@ -259,7 +259,7 @@ class DroplessMoE(nn.Module):
         # The router's ids are in range: top-k by construction, or checked by the router
         # when given, so the expert path reads nothing back to the host.
         out = expert_mlp(x2, r.indices, r.weights, self.w1, self.w2, self.b1, self.b2, activation=self.activation,
-                         glu=self.glu, block_size=self.block_size, check_indices=False)
+                         glu=self.glu, block_size=self.block_size, check_indices=False, **self._fp8_scales())
         out = self.shared_output(x2, out)
         aux = MoEAux(aux_loss=r.aux_loss, load_balancing_loss=r.load_balancing_loss, z_loss=r.z_loss,
                      tokens_per_expert=tokens_per_expert(r.indices, self.num_experts), router_logits=r.logits,
@@ -278,9 +278,10 @@ class DroplessMoE(nn.Module):
             return None if t is None else (t if dtype is None else t.to(dtype))
 
         f = self.ffn_hidden_size
-        w1 = c(self.w1)
+        w1, w2 = self.dequantized_weights(dtype) if self.is_fp8 else (self.w1, self.w2)
+        w1, w2 = c(w1), c(w2)
         b1 = c(self.b1)
-        kw = dict(router_weight=c(self.router.weight), w2=c(self.w2), b2=c(self.b2), top_k=self.top_k,
+        kw = dict(router_weight=c(self.router.weight), w2=w2, b2=c(self.b2), top_k=self.top_k,
                   activation=self.activation, score=self.router.score, renormalize=self.router.renormalize,
                   scaling_factor=self.router.scaling_factor, expert_bias=self.router.expert_bias)
         if self.glu:
@@ -300,3 +301,61 @@ class DroplessMoE(nn.Module):
                 shared.update(w1=sw1, w3=None, b1=sb1, b3=None)
             kw["shared"] = shared
         return kw
+
+    # -- FP8 serving ------------------------------------------------------------------------
+    @property
+    def is_fp8(self) -> bool:
+        """True once :meth:`to_fp8` has quantized the experts."""
+        return getattr(self, "w1_scale", None) is not None
+
+    def _param_dtype(self) -> torch.dtype:
+        """The dtype of the layer's float parameters (the router's once the experts are fp8)."""
+        return self.router.weight.dtype if self.is_fp8 else self.w1.dtype
+
+    def _fp8_scales(self) -> dict:
+        return dict(w1_scale=self.w1_scale, w2_scale=self.w2_scale) if self.is_fp8 else {}
+
+    @torch.no_grad()
+    def to_fp8(self) -> "DroplessMoE":
+        """Serve the experts in FP8 (DeepSeek-V3 / Qwen3-FP8 format, ``blocksparse_moe/fp8.py``).
+
+        Quantizes ``w1 [E, G*F, H]`` and ``w2 [E, F, H]`` with the 128x128 block quantizer
+        (``fp8.quantize_weight_blockwise``; ``w2``'s blocks in its ``[F, H]`` orientation) and
+        replaces the two parameters by float8_e4m3fn buffers ``w1``/``w2`` beside float32
+        buffers ``w1_scale [E, ceil(G*F/128), ceil(H/128)]`` and ``w2_scale [E, ceil(F/128),
+        ceil(H/128)]``: the bf16 expert weights are freed, the state dict holds the fp8 ones
+        (call ``to_fp8()`` on a fresh layer before ``load_state_dict`` of a quantized one).
+        Forward then quantizes x and the activation per 1x128 group on the fly
+        (:func:`~blocksparse_moe.ops.experts.expert_mlp` with ``w1_scale``/``w2_scale``); x
+        must be bf16/fp16 on a GPU (sm_89+), bf16/fp16/fp32 on the CPU path. Router, biases
+        and shared expert keep their dtype.
+
+        Training the experts in fp8 is not supported: the fp8 weights get no gradient.
+        Backward still reaches x, the router, the biases and the shared expert, through the
+        dequantized weights (straight-through for the activation quantization). Cast the
+        layer (``.to(dtype)``) before ``to_fp8``: a cast afterwards would turn the fp8
+        buffers into plain floats, which the expert path rejects. Returns ``self``.
+        """
+        from .fp8 import quantize_weight_blockwise
+
+        if self.is_fp8:
+            return self
+        w1, w1_scale = quantize_weight_blockwise(self.w1)
+        w2, w2_scale = quantize_weight_blockwise(self.w2)
+        del self.w1, self.w2  # the parameters go; buffers of the same names take their place
+        self.register_buffer("w1", w1)
+        self.register_buffer("w2", w2)
+        self.register_buffer("w1_scale", w1_scale)
+        self.register_buffer("w2_scale", w2_scale)
+        return self
+
+    def dequantized_weights(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(w1, w2)`` of an fp8 layer dequantized (``w * scale`` per 128x128 block) to ``dtype``
+        (default: the layer's parameter dtype); the weights the fp8 forward multiplies by."""
+        from .fp8 import dequantize_weight_blockwise
+
+        if not self.is_fp8:
+            raise ValueError("DroplessMoE.dequantized_weights: the layer is not fp8 (call to_fp8() first)")
+        dtype = self._param_dtype() if dtype is None else dtype
+        return (dequantize_weight_blockwise(self.w1, self.w1_scale, dtype),
+                dequantize_weight_blockwise(self.w2, self.w2_scale, dtype))

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blocksparse_moe"
 # Files allowed past 400 lines: one kernel family each, which the file header explains.
-LONG_KERNEL_FAMILIES = {"kernels/experts.py": 700, "cpu/products.py": 600}
+LONG_KERNEL_FAMILIES = {"kernels/experts.py": 700, "kernels/experts_fp8.py": 450, "cpu/products.py": 600}
 
 
 def _module_name(path: Path) -> str:

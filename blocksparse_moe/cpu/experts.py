@@ -55,7 +55,7 @@ from .. import checks
 from .activation import _act_backward_into, _act_into
 from .precision import compute_dtype
 
-__all__ = ["ACTIVATIONS", "experts_forward", "experts_forward_fake", "experts_backward"]
+__all__ = ["ACTIVATIONS", "experts_forward", "experts_forward_fake", "experts_backward", "experts_forward_fp8"]
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # cpu/activation.py's codes
@@ -328,3 +328,55 @@ def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.mm(b.t(), a.t(), out=out.t())
     else:
         out.copy_(torch.mm(a, b))
+
+
+# -- FP8 weights (blocksparse_moe/fp8.py's format) -----------------------------------------
+
+def experts_forward_fp8(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w1_scale: Tensor,
+                        w2: Tensor, w2_scale: Tensor, b1: Optional[Tensor], b2: Optional[Tensor], *,
+                        num_experts: int, act: str, glu: bool, block_size: int) -> Tensor:
+    """``out [T, H]`` in x's dtype of the fused expert path with float8_e4m3fn weights.
+
+    The quantized values of the format, computed the plain way (``fp8.py``): x quantized per
+    1x128 group along H and dequantized; each chunk's experts' ``w1``/``w2`` dequantized to
+    float32 (``w[e, n, k] * scale[e, n // 128, k // 128]``, any strides); ``h = x w1^T + b1``
+    in float32, rounded to x's dtype (the pre-activation the bf16 path keeps); ``a =
+    act(g) * u`` in float32 from the rounded ``h``, quantized per 1x128 group along F and
+    dequantized; ``y = a w2 + b2``, weighted, summed per token in float32 and rounded once.
+    The Triton kernels apply the scales per 128-wide K group to fp32 partial products
+    instead: the same sums up to float32 rounding order. ``block_size`` is not used.
+    """
+    from ..fp8 import dequantize_weight_blockwise, fake_quantize_activation_groups
+
+    tokens, hidden = x.shape
+    k = expert_indices.shape[1]
+    width = w1.shape[1]
+    ffn = width // 2 if glu else width
+    code = _ACT_CODE[act]
+    order, counts = _sort_slots(expert_indices, num_experts)
+    out = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)
+    xq = fake_quantize_activation_groups(x)  # [T, H] float32: every token once, not per slot
+    b1c, b2c = (None if t is None else t.to(torch.float32) for t in (b1, b2))
+    token = order // k
+    ws = None if weights is None else weights.reshape(-1).to(torch.float32)[order].unsqueeze(1)
+    sizes = counts.tolist()
+    with _threads(order.numel(), hidden, width):
+        for e0, e1, r0, r1 in _chunks(sizes, 4 * max(hidden, width)):
+            rows, part = token[r0:r1], sizes[e0:e1]
+            # Only this chunk's experts are dequantized: float32 copies of one chunk's weights.
+            w1c = dequantize_weight_blockwise(w1[e0:e1], w1_scale[e0:e1])
+            w2c = dequantize_weight_blockwise(w2[e0:e1], w2_scale[e0:e1])
+            he = _gmm(xq.index_select(0, rows), w1c.transpose(1, 2), part)
+            if b1c is not None:
+                he += _rows_of(b1c[e0:e1], part)
+            if x.dtype != torch.float32:
+                he = he.to(x.dtype).to(torch.float32)  # h in x's dtype, as the bf16 path keeps it
+            ae = fake_quantize_activation_groups(_activate(he, ffn, glu, code))
+            if ws is not None:
+                ae.mul_(ws[r0:r1])  # after the quantization: the weight scales the expert's output
+            ye = _gmm(ae, w2c, part)
+            if b2c is not None:
+                b2r = _rows_of(b2c[e0:e1], part)
+                ye += b2r if ws is None else b2r.mul_(ws[r0:r1])
+            out.index_add_(0, rows, ye)
+    return out.to(x.dtype)

@@ -15,6 +15,10 @@ the two products, so those forms compose the public unfused ops around the modul
 function: ``route -> padded_gather -> sdd -> gate -> dsd -> padded_scatter``. transformers is an optional dependency (extra
 ``[transformers]``); nothing here downloads weights.
 
+Experts whose weights are float8_e4m3fn with block scales (transformers' fine-grained FP8,
+``FP8Experts``: ``*_proj`` plus ``*_proj_scale_inv``) run :func:`expert_mlp`'s fp8 path
+(``transformers_fp8.py`` says how their layouts and scales map).
+
 How the module's weight layouts map onto the two products (``E`` experts, hidden ``H``,
 inner width ``F``, block size ``b``). Both products take the weights as *grouped* operands
 (``blocksparse_moe/grouped.py``: a 3-D stack read through its three strides), so no expert
@@ -71,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "blocksparse_moe.integrations.transformers needs transformers with the ExpertsInterface "
         "(transformers >= 5): pip install 'blocksparse_moe[transformers]'") from exc
 
-from .. import ops
+from .. import checks, ops
 from ..matrix import SparseMatrix
 from ..ops.experts import autocast_operands, expert_mlp
 from ..routing import route
@@ -182,6 +186,10 @@ def blocksparse_experts_forward(self: torch.nn.Module, hidden_states: torch.Tens
     # autocast dtype (then hidden_states too, and autocast off inside).
     params = {name: getattr(self, name, None) for name in
               ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")}
+    if any(checks.is_fp8(params[n]) for n in ("gate_up_proj", "up_proj", "down_proj")):
+        from .transformers_fp8 import fp8_experts_forward  # a module that imports this one
+
+        return fp8_experts_forward(self, params, hidden_states, top_k_index, top_k_weights)
     names = [n for n, t in params.items() if isinstance(t, torch.Tensor)]
     (hidden_states, *cast), amp_off = autocast_operands(hidden_states, *(params[n] for n in names))
     params.update(zip(names, cast))
@@ -349,9 +357,16 @@ def _fused_forward(self, hidden_states, top_k_index, top_k_weights, w1, w2, has_
 
 
 def register() -> None:
-    """Register ``"blocksparse_moe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+    """Register ``"blocksparse_moe"`` in transformers' ``ExpertsInterface`` (idempotent), and in
+    the fine-grained FP8 experts' interface where transformers has one."""
     if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION_NAME) is not blocksparse_experts_forward:
         ExpertsInterface.register(IMPLEMENTATION_NAME, blocksparse_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8ExpertsInterface
+    except ImportError:  # pragma: no cover - a transformers without fine-grained FP8
+        return
+    if ALL_FP8_EXPERTS_FUNCTIONS.get(IMPLEMENTATION_NAME) is not blocksparse_experts_forward:
+        FP8ExpertsInterface.register(IMPLEMENTATION_NAME, blocksparse_experts_forward)
 
 
 register()

@@ -8,9 +8,10 @@ Importing it compiles nothing: kernels are compiled, and autotuned, on first lau
 
 from .activation import glu_backward, glu_forward
 from .experts import experts_backward, experts_forward, experts_forward_fake
+from .experts_fp8 import experts_forward_fp8
 from .dds import dds
 from .dsd import dsd
 from .permute import gather, invert_rows, scatter, scatter_wgrad
 from .sdd import sdd
 
-__all__ = ["dds", "dsd", "experts_backward", "experts_forward", "experts_forward_fake", "gather", "glu_backward", "glu_forward", "invert_rows", "scatter", "scatter_wgrad", "sdd"]
+__all__ = ["dds", "dsd", "experts_backward", "experts_forward", "experts_forward_fake", "experts_forward_fp8", "gather", "glu_backward", "glu_forward", "invert_rows", "scatter", "scatter_wgrad", "sdd"]

@@ -147,7 +147,8 @@ def autocast_operands(x: torch.Tensor, *tensors: Optional[torch.Tensor]
 def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], weights: Optional[torch.Tensor],
                w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor] = None,
                b2: Optional[torch.Tensor] = None, *, activation: str = "silu", glu: bool = True,
-               block_size: Optional[int] = None, check_indices: bool = True) -> torch.Tensor:
+               block_size: Optional[int] = None, check_indices: bool = True, w1_scale: Optional[torch.Tensor] = None,
+               w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every token's ``k`` expert MLPs, weighted and summed: the dropless MoE without its router.
 
     Args:
@@ -166,6 +167,11 @@ def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], we
         check_indices: range-check ``expert_indices``: a ``ValueError`` on CPU tensors, a
             device-side assert on a GPU (no host read). Pass False only for ids in ``[0, E)``
             by construction (a router's top-k).
+        w1_scale, w2_scale: float32 block scales of float8_e4m3fn ``w1``/``w2`` (the FP8 path,
+            see :func:`_expert_mlp_fp8` and ``blocksparse_moe/fp8.py``): ``[E, ceil(G*F/128),
+            ceil(H/128)]`` and ``[E, ceil(F/128), ceil(H/128)]`` (w2's in its ``[F, H]``
+            orientation). None for fp16/bf16/fp32 weights. fp8 weights serve forward; they get
+            no gradient (x, weights, b1, b2 get the dequantized layer's, see there).
 
     Returns:
         ``[T, H]`` in x's dtype, accumulated in fp32. Differentiable in x, weights, w1, w2, b1, b2.
@@ -176,6 +182,9 @@ def expert_mlp(x: torch.Tensor, expert_indices: Union[torch.Tensor, Routing], we
     op = "expert_mlp"
     for name, t in (("x", x), ("w1", w1), ("w2", w2)):
         checks.tensor(op, name, t)
+    if any(checks.is_fp8(t) for t in (x, w1, w2)) or w1_scale is not None or w2_scale is not None:
+        return _expert_mlp_fp8(op, x, expert_indices, weights, w1, w2, b1, b2, w1_scale, w2_scale, activation, glu,
+                               block_size, check_indices)
     (x, w1, w2, b1, b2), amp_off = autocast_operands(x, w1, w2, b1, b2)
     if weights is not None and isinstance(weights, torch.Tensor) and weights.dtype not in (x.dtype, torch.float32):
         if not isinstance(amp_off, contextlib.nullcontext):
@@ -206,6 +215,18 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
     if b2 is not None:
         checks.shape(op, "b2", b2, (experts, hidden), "[E, H]")
     act = canonical_activation(activation, op)
+    ids, block_size = _routing_args(op, expert_indices, x, weights, w2, block_size, check_indices)
+    return _ExpertsFn.apply(x, weights, w1, w2, b1, b2, ids, experts, act, bool(glu), block_size)
+
+
+def _routing_args(op, expert_indices, x, weights, w2, block_size, check_indices) -> Tuple[torch.Tensor, int]:
+    """``(ids [T, k] int64 contiguous, row padding b)`` of a call whose tensors are checked:
+    the ids from ids or a :class:`Routing` (range-checked when asked), ``b`` the routing's,
+    the caller's or the per-call choice (:func:`~blocksparse_moe.topology.block_size_for_call`),
+    and the top-k weights against them. The one place both expert paths (the fp8 one too)
+    read their routing arguments."""
+    tokens = x.shape[0]
+    experts, ffn, _ = w2.shape
     if isinstance(expert_indices, Routing):
         if expert_indices.num_experts != experts:
             raise ValueError(f"{op}: routing has {expert_indices.num_experts} experts but w2 has {experts}")
@@ -221,10 +242,124 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
         raise ValueError(f"{op}: F = {ffn} (w2 {tuple(w2.shape)}) must be a multiple of block_size {block_size}")
     checks.top_k_weights(op, weights, "x", x, tokens, k)
     if check_indices and not isinstance(expert_indices, Routing):
-        ids = checked_expert_ids(op, ids, experts)
-    else:
-        ids = ids.to(torch.int64).contiguous()
-    return _ExpertsFn.apply(x, weights, w1, w2, b1, b2, ids, experts, act, bool(glu), block_size)
+        return checked_expert_ids(op, ids, experts), block_size
+    return ids.to(torch.int64).contiguous(), block_size
+
+
+# -- FP8 weights (blocksparse_moe/fp8.py's format) -----------------------------------------
+
+def _forward_fp8_fake(x, expert_indices, weights, w1, w1_scale, w2, w2_scale, b1, b2, num_experts, act, glu,
+                      block_size):
+    return x.new_empty(x.shape)
+
+
+@custom_op("experts_forward_fp8", _forward_fp8_fake)
+def _forward_fp8(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor], w1: torch.Tensor,
+                 w1_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, b1: Optional[torch.Tensor],
+                 b2: Optional[torch.Tensor], num_experts: int, act: str, glu: bool, block_size: int) -> torch.Tensor:
+    """``out [T, H]`` of the back end's ``experts_forward_fp8``."""
+    return backend.impl(x).experts_forward_fp8(x, expert_indices, weights, w1, w1_scale, w2, w2_scale, b1, b2,
+                                               num_experts=num_experts, act=act, glu=glu, block_size=block_size)
+
+
+class _Fp8ExpertsFn(torch.autograd.Function):
+    """The fp8 forward; backward through the dequantized weights (see :func:`_expert_mlp_fp8`)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, b1, b2, w1, w1_scale, w2, w2_scale, expert_indices, num_experts, act, glu,
+                block_size):
+        out = _forward_fp8(x, expert_indices, weights, w1, w1_scale, w2, w2_scale, b1, b2, num_experts, act, glu,
+                           block_size)
+        ctx.save_for_backward(x, weights, b1, b2, w1, w1_scale, w2, w2_scale, expert_indices)
+        ctx.config = (num_experts, act, glu, block_size)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        from ..fp8 import dequantize_weight_blockwise
+
+        x, weights, b1, b2, w1, w1_scale, w2, w2_scale, expert_indices = ctx.saved_tensors
+        needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:4], (x, weights, b1, b2))]
+        if not any(needs):
+            return (None,) * 13
+        # The gradient of the layer with the dequantized weights (in x's dtype) at x: the
+        # activation quantization is passed straight through. The bf16 path recomputes the
+        # pre-activation it keeps; the fp8 weights themselves are frozen (no gradient).
+        w1d = dequantize_weight_blockwise(w1, w1_scale, x.dtype)
+        w2d = dequantize_weight_blockwise(w2, w2_scale, x.dtype)
+        _, *saved = _forward(x, expert_indices, weights, w1d, w2d, b1, b2, *ctx.config)
+        need_x, need_w, need_b1, need_b2 = needs
+        grads = iter(_backward(dout, saved, x, expert_indices, weights, w1d, w2d, b1, b2, *ctx.config,
+                               [need_x, need_w, False, False, need_b1, need_b2]))
+        return (*(next(grads) if need else None for need in needs), *(None,) * 9)
+
+
+def _expert_mlp_fp8(op, x, expert_indices, weights, w1, w2, b1, b2, w1_scale, w2_scale, activation, glu, block_size,
+                    check_indices):
+    """:func:`expert_mlp` with float8_e4m3fn ``w1``/``w2`` and their float32 block scales.
+
+    The format (``blocksparse_moe/fp8.py``; DeepSeek-V3 / Qwen3-FP8): weight element ``(n, k)``
+    of expert ``e`` is ``w[e, n, k] * scale[e, n // 128, k // 128]``; ``x`` and ``a = act(g) *
+    u`` are quantized on the fly per token and 1x128 group along the reduction dimension
+    (``s = max(amax, 1e-4) / 448``); the products accumulate in float32; the pre-activation is
+    rounded to x's dtype as in the bf16 path. ``x`` is bf16/fp16 (float32 too on the CPU
+    path; never fp8: it is quantized inside); biases and the output are in x's dtype.
+
+    A GPU needs fp8 tensor cores (sm_89+); an older one is an error, not a silent fallback.
+
+    Backward: gradients reach ``x``, ``weights``, ``b1`` and ``b2``, those of the layer with
+    the dequantized weights (straight-through for the activation quantization), computed by
+    the bf16 path on dequantized copies (one forward recomputed). The fp8 weights and their
+    scales are frozen: they get no gradient (serving and adapters, not training the experts).
+    """
+    from ..fp8 import scale_shape
+
+    if checks.is_fp8(x):
+        raise TypeError(f"{op}: x is {x.dtype}; the fp8 path quantizes activations itself (per 1x128 group), "
+                        f"pass x in bfloat16 or float16")
+    if not checks.is_fp8(w1) and not checks.is_fp8(w2):
+        checks.no_fp8_scales(op, (("w1_scale", w1_scale), ("w2_scale", w2_scale)), "w1 and w2")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if not checks.is_fp8(t):
+            other = "w2" if name == "w1" else "w1"
+            raise TypeError(f"{op}: {other} is float8_e4m3fn but {name} is {t.dtype}; both expert weights must be "
+                            f"float8_e4m3fn with their block scales")
+    (x, b1, b2), amp_off = autocast_operands(x, b1, b2)
+    if isinstance(weights, torch.Tensor) and weights.dtype not in (x.dtype, torch.float32):
+        if not isinstance(amp_off, contextlib.nullcontext):
+            weights = weights.to(x.dtype)  # under autocast: the router's float32 stays float32
+    with amp_off:
+        allowed = checks.fp8_activation_dtypes(x)
+        if x.dtype not in allowed:
+            raise TypeError(f"{op}: x has dtype {x.dtype}; with fp8 weights x must be one of "
+                            f"{', '.join(str(d).replace('torch.', '') for d in allowed)} here")
+        for name, t in (("b1", b1), ("b2", b2)):
+            checks.float_tensor(op, name, t, optional=True)
+        checks.dims(op, "x", x, (2,), "[T, H]")
+        checks.dims(op, "w1", w1, (3,), "[E, G*F, H]")
+        checks.dims(op, "w2", w2, (3,), "[E, F, H]")
+        checks.same_dtype(op, (("x", x), ("b1", b1), ("b2", b2)))
+        tokens, hidden = x.shape
+        experts, ffn, _ = w2.shape
+        groups = 2 if glu else 1
+        checks.shape(op, "w1", w1, (experts, groups * ffn, hidden), "[E, G*F, H]")
+        checks.shape(op, "w2", w2, (experts, ffn, hidden), "[E, F, H]")
+        checks.fp8_weight(op, "w1", w1, "w1_scale", w1_scale, scale_shape(experts, groups * ffn, hidden),
+                          "[E, ceil(G*F/128), ceil(H/128)]")
+        checks.fp8_weight(op, "w2", w2, "w2_scale", w2_scale, scale_shape(experts, ffn, hidden),
+                          "[E, ceil(F/128), ceil(H/128)] (w2's [F, H] orientation)")
+        if b1 is not None:
+            checks.shape(op, "b1", b1, (experts, groups * ffn), "[E, G*F]")
+        if b2 is not None:
+            checks.shape(op, "b2", b2, (experts, hidden), "[E, H]")
+        checks.same_device(op, (("x", x), ("w1", w1), ("w2", w2), ("w1_scale", w1_scale), ("w2_scale", w2_scale),
+                                ("b1", b1), ("b2", b2)))
+        checks.fp8_device(op, "w1", w1)
+        act = canonical_activation(activation, op)
+        ids, block_size = _routing_args(op, expert_indices, x, weights, w2, block_size, check_indices)
+        return _Fp8ExpertsFn.apply(x, weights, b1, b2, w1, w1_scale, w2, w2_scale, ids, experts, act, bool(glu),
+                                   block_size)
 
 
 def tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
