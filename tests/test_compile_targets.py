@@ -67,7 +67,7 @@ def test_recorder_sees_every_variant(launches):
     for kernel in ("_up_kernel", "_down_kernel", "_act_bwd_kernel"):
         assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}, kernel
     assert _values(launches, "_up_kernel", "GLU") == {True, False}
-    assert _values(launches, "_down_kernel", "ACT") == {0, 1, 2, 3}  # each activation on the load
+    assert _values(launches, "_up_kernel", "ACT") == {0, 1, 2, 3}  # each activation in the up epilogue
     assert _values(launches, "_dsd_kernel", "HAS_BLOCK_INDEX") == {True, False}  # S and S^T (dds, dW)
     for kernel in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
         assert _values(launches, kernel, "ACT") == {0, 1, 2, 3}  # silu, gelu, gelu_tanh, relu

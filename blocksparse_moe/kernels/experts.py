@@ -2,8 +2,8 @@
 inside the two products, no host read of device data.
 
     forward   h_r  = x[tok(r)] @ W1[e(r)]^T + b1[e(r)]           h = [g | u]  (pre-activation, kept)
-              a_r  = act(g_r) * u_r            (GLU)   or  act(h_r)   (plain MLP; never stored:
-                                                 made from h's tiles as the down product loads them)
+              a_r  = act(g_r) * u_r            (GLU)   or  act(h_r)   (plain MLP; made once per
+                                                 element by the up product's epilogue, not kept)
               y_s  = w_s * (a_r @ W2[e(r)] + b2[e(r)])           written by slot s = slot(r)
               out_t = sum_j y_{t*k+j}                            (fixed order, no atomics)
     backward  P_r  = dout[tok(r)] @ W2[e(r)]^T                   (unweighted)
@@ -62,14 +62,14 @@ are masked. Autotune keys carry the call's token-count class (``_common.token_cl
 Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_tile(F)):
     _up_kernel        grid (P_max/BLOCK_M, F/BLOCK_N). Gather-GEMM of x's rows with the gate
                       AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
-                      b1 and stores [g | u] (rounded). Reads row_slots, block_expert.
+                      b1, stores [g | u] (rounded) and, in forward, a = act(g) * u made from
+                      the rounded values (the a backward recomputes, bitwise). Reads
+                      row_slots, block_expert.
     _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [T*k, K]
-                      buffer (rows by slot) with W[e] [K, H]; epilogue adds the bias, multiplies by w_s and
-                      stores each row at its slot (padding rows store nothing). Forward
-                      (ACT_ON_LOAD: reads h's gate and up tiles, columns c and F + c, makes
-                      act(g)*u in fp32 and rounds it to x's dtype, the value a stored and
-                      reloaded would have, before the dot: a @ W2 without a) and dx (dh @ W1,
-                      a plain operand). Reads row_slots, block_expert.
+                      buffer (rows by slot) with W[e] [K, H]; epilogue adds the bias,
+                      multiplies by w_s and stores each row at its slot (padding rows store
+                      nothing): forward (a @ W2) and dx (dh @ W1). Reads row_slots,
+                      block_expert.
     _act_bwd_kernel   grid (P_max/BLOCK_M, F/C). Gather-GEMM of dout's rows with W2[e]^T over
                       one chunk of C columns (BLOCK_N at a time); epilogue recomputes
                       act from the saved h, stores dh = [dg | du] and a (for dW2), and the
@@ -83,13 +83,19 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_
                       (db1) or of R (db2). Reads expert_offsets, row_slots.
 Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
 two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
-``_tiles``: their epilogues hold several fp32 tiles at once); the down kernel, the GLU on its
-load included, compiles without spills at 128 (tests/test_experts_compile.py).
+``_tiles``: their epilogues hold several fp32 tiles at once); the down kernel compiles without
+spills at 128 (tests/test_experts_compile.py).
+
+Why the activation is made once, by the up product: made as the down product loads h (as it
+was), each element of a costs two MUFU ops (silu) per H tile of the down product, as many
+cycles as that tile's MMAs on Hopper, and the load reads 2F columns of h instead of F. Stored
+once, a is written once ([T*k, F], a forward temporary) and read F wide; backward still keeps
+only h (the floor) and recomputes a from it.
 
 What each pass allocates (in x's dtype unless said) and reads:
-    forward   hidden [T*k, G*F] (kept for backward), y [T*k, H] (none when k == 1:
-              written straight into out), out [T, H]. Reads x's rows, W1, b1 (up), then
-              hidden once (gate and up tiles), W2, b2 and the weights (down), y (the sum).
+    forward   hidden [T*k, G*F] (kept for backward), a [T*k, F] (freed after forward), y
+              [T*k, H] (none when k == 1: written straight into out), out [T, H]. Reads x's
+              rows, W1, b1 (up), then a, W2, b2 and the weights (down), y (the sum).
     backward  dh [T*k, G*F]; one scratch of T*k*max(F, H) elements that holds a for
               dW2, then (a is dead) the per-slot dx rows; part [F/C, T*k] fp32; the
               gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks).
@@ -121,17 +127,44 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POISON_BUFFERS = False
 
 
+# Consecutive CTAs (the GPU starts them blockIdx.x fastest) walk GROUP row tiles for every
+# column tile before the next band of rows: the band's rows (gathered x, dout, a or dh) and the
+# column tiles' weights stay in L2 while a band is in flight, instead of every row being
+# re-read once per column tile when a sweep of all rows outgrows L2 (the "before" table of
+# bench/results/traffic-before.md: 1.2-2x the unique bytes at the scaled shapes, more at
+# full size). The grids keep their 2-D shape (rows on axis 0), each CTA remaps its id.
+# (A tl.constexpr: the GPU compiler takes no other Python global inside jitted code.)
+GROUP = tl.constexpr(8)
+
+
 @triton.jit
-def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
+def _grouped(lin, n_rows, n_cols, GROUP: tl.constexpr):
+    """``(row tile, column tile)`` of the ``lin``-th CTA in launch order, in bands of GROUP
+    row tiles (the last band shorter), each band column-tile by column-tile."""
+    per_band = GROUP * n_cols
+    first = (lin // per_band) * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (lin % per_band) % size, (lin % per_band) // size
+
+
+@triton.jit
+def _tile_ids(GROUP: tl.constexpr):
+    """This CTA's ``(row tile, column tile)`` of a 2-D (rows, columns) grid, grouped."""
+    n_rows = tl.num_programs(0)
+    return _grouped(tl.program_id(1) * n_rows + tl.program_id(0), n_rows, tl.num_programs(1), GROUP)
+
+
+@triton.jit
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_ptr,
                H, FFN, TOP_K, NUM_EXPERTS,
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
-               stride_hr, stride_hc,
+               stride_hr, stride_hc, stride_ar, stride_ac,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+               GLU: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_A: tl.constexpr,
+               SWAP: tl.constexpr,
                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(GROUP)
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:  # block rows past the real P hold E: nothing to do
@@ -168,16 +201,22 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
             acc_g += _cols(tl.load(b_ptrs).to(tl.float32), SWAP)
             if GLU:
                 acc_u += _cols(tl.load(b_ptrs + FFN * stride_bc).to(tl.float32), SWAP)
-        # Only the pre-activation is stored (rounded): the down product applies the
-        # activation as it loads these tiles, so forward and backward both differentiate
-        # the function of the same rounded values.
         # By slot, not by padded row: h is [T*k, G*F], what the tokens need, and a padding
         # row stores nothing.
         h_s, h_c = _grid2(tl.where(ok, slots, 0).to(tl.int64), cols, SWAP)
-        h_ptrs = h_ptr + h_s * stride_hr + h_c * stride_hc
-        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=x_ok)
+        g = acc_g.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + h_s * stride_hr + h_c * stride_hc, g, mask=x_ok)
         if GLU:
-            tl.store(h_ptrs + FFN * stride_hc, acc_u.to(h_ptr.dtype.element_ty), mask=x_ok)
+            u = acc_u.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + h_s * stride_hr + (h_c + FFN) * stride_hc, u, mask=x_ok)
+        if STORE_A:
+            # The activation once per element, here, not once per H tile of the down product
+            # (two MUFU ops per element per tile for silu: as many cycles as the tile's MMAs).
+            # From the rounded h, so it is bitwise the a that backward recomputes from h.
+            a, _ = _act_and_grad(g.to(tl.float32), ACT)
+            if GLU:
+                a = a * u.to(tl.float32)
+            tl.store(a_ptr + h_s * stride_ar + h_c * stride_ac, a.to(a_ptr.dtype.element_ty), mask=x_ok)
 
 
 @triton.jit
@@ -186,12 +225,10 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
                  stride_ar, stride_ac, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
                  stride_gt, stride_gj, stride_ys, stride_yn,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                 ACT_ON_LOAD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, SWAP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, SWAP: tl.constexpr,
                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(GROUP)
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:
@@ -212,18 +249,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
         w_ok = _cols(n_ok, SWAP)
         acc = _acc(BLOCK_M, BLOCK_N, SWAP)
         for k0 in range(0, KDIM, BLOCK_K):  # KDIM (F or 2F) is a multiple of BLOCK_K
-            if ACT_ON_LOAD:
-                # The GLU on the operand load: the [P, G*F] buffer is the pre-activation
-                # h = [g | u] (KDIM = F: gate column c, up column F + c), a = act(g) * u
-                # (or act(h)) in fp32, rounded once to the storage dtype: the same numbers
-                # as storing a and reloading it, and as backward's recomputed a.
-                g = tl.load(a_ptrs, mask=a_ok, other=0.0).to(tl.float32)
-                act, _ = _act_and_grad(g, ACT)
-                if GLU:
-                    act = act * tl.load(a_ptrs + KDIM * stride_ac, mask=a_ok, other=0.0).to(tl.float32)
-                a = act.to(a_ptr.dtype.element_ty)
-            else:
-                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
             w = tl.load(w_ptrs, mask=w_ok, other=0.0)
             acc = _mma(a, w, acc, SWAP, INTERPRET, INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ac
@@ -253,8 +279,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
                     DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr, PART: tl.constexpr,
                     SWAP: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # column chunk of F: columns [pid_n * PART, (pid_n + 1) * PART)
+    pid_m, pid_n = _tile_ids(GROUP)  # pid_n: the column chunk [pid_n * PART, (pid_n + 1) * PART) of F
     block_row = pid_m // TILES_M
     e = tl.load(block_expert_ptr + block_row)
     if e < NUM_EXPERTS:
@@ -337,10 +362,13 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
                   HAS_WEIGHTS: tl.constexpr, STORE_DW: tl.constexpr, SUM_L: tl.constexpr, SUM_R: tl.constexpr,
                   INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     tiles_c = C // BLOCK_M
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = pid // tiles_c
-    tc = pid % tiles_c
+    tiles_n = tl.num_programs(1)
+    # Expert by expert in launch order (one expert's rows of L and R, then the next's), and
+    # inside an expert in bands of GROUP column tiles of dW, so an expert's operands are read
+    # from HBM about once instead of once per tile of the other dimension.
+    lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    e = lin // (tiles_c * tiles_n)
+    tc, pid_n = _grouped(lin % (tiles_c * tiles_n), tiles_c, tiles_n, GROUP)
     # int64: times the strides of x and dW, which strided views can make large.
     cc = (tc * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     nn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -421,8 +449,8 @@ def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int,
     The up and activation-backward kernels cap their tiles at 64: their epilogues hold four to
     five fp32 tiles at once (two accumulators, or acc, g, u, act, act'), which spill past 255
     registers on sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64
-    on 4). ``min_warps=8`` for the activation-backward kernel and the down kernel with the GLU
-    on its load: at 4 warps they still spill on sm_80/sm_100 and in fp32 (the compile test).
+    on 4). ``min_warps=8`` for the activation-backward kernel and the up kernel with the
+    activation in its epilogue: at 4 warps they spill on sm_80/sm_100 and in fp32.
 
     The autotune key is the use's name, the token-count class of the call
     (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
@@ -509,26 +537,25 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
     cols, slots = col_tile(ffn), tokens * top_k
+    a = _new((slots, ffn), dtype, device)  # forward's temporary: backward recomputes a from h
     _common.launch(
         _up_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
-        x, w1, b1 if b1 is not None else w1, hidden, row_slots, block_expert,
+        x, w1, b1 if b1 is not None else w1, hidden, a, row_slots, block_expert,
         hidden_size, ffn, top_k, num_experts,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
-        hidden.stride(0), hidden.stride(1),
+        hidden.stride(0), hidden.stride(1), a.stride(0), a.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
-                                    hidden_size, ffn),
-        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, SWAP=swap_rows(block_size))
-    # y = w * (act(g) * u @ W2 + b2): the activation applied to hidden's tiles as they load.
+                                    hidden_size, ffn, min_warps=8),
+        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_A=True, SWAP=swap_rows(block_size))
+    # y = w * (a @ W2 + b2), each row to its slot.
     _common.launch(
         _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
-        hidden, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
+        a, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
         hidden_size, ffn, top_k, num_experts,
-        hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
+        a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
-        device=device, tiles=_tiles("down-act", dtype, block_size, (block_size, 0, cols), slots, hidden_size, ffn,
-                                    min_warps=8),
-        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT_ON_LOAD=True, ACT=code,
-        GLU=glu, SWAP=swap_rows(block_size))
+        device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size, ffn),
+        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, SWAP=swap_rows(block_size))
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
@@ -632,7 +659,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             hidden_size, groups * ffn, top_k, num_experts,
             dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
             rows.stride(0), rows.stride(1),
-            BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False, ACT_ON_LOAD=False, ACT=0, GLU=False,
+            BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False,
             SWAP=swap_rows(block_size),
             device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size,
                                         groups * ffn))
