@@ -436,3 +436,28 @@ def test_make_topology_takes_a_known_padded_tokens():
         make_topology(r.padded_bins, 3, 32, 16, padded_tokens=48)
     with pytest.raises(ValueError, match="must be a non-negative multiple of block_size"):
         make_topology(r.padded_bins, 3, 32, 16, padded_tokens=20)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_opcheck_expert_path_backward_strides(path, layout):
+    """The fused path's backward op: its fake gives the real outputs' strides (issue 18), also
+    for an x and router weights that are transposed views and w1/w2 seen through other
+    layouts (the fake used empty_like(x), which keeps a transposed x's strides; both back
+    ends return a row-major dx)."""
+    g = _gen(21)
+    tokens, hidden, ffn, experts, k = 7, 24, 16, 3, 2
+    x = torch.randn(hidden, tokens, generator=g).t() if layout == "strided" else torch.randn(tokens, hidden,
+                                                                                            generator=g)
+    weights = torch.rand(k, tokens, generator=g).t() if layout == "strided" else torch.rand(tokens, k, generator=g)
+    w1 = torch.randn(experts, hidden, 2 * ffn, generator=g).transpose(1, 2)
+    w2 = torch.randn(hidden, experts, ffn, generator=g).permute(1, 2, 0) if layout == "strided" else \
+        torch.randn(experts, ffn, hidden, generator=g)
+    b1, b2 = torch.randn(experts, 2 * ffn, generator=g), torch.randn(experts, hidden, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    x, weights, w1, w2, b1, b2, ids = (t.to(path) for t in (x, weights, w1, w2, b1, b2, ids))
+    out, *saved = torch.ops.blocksparse_moe.experts_forward(x, ids, weights, w1, w2, b1, b2, experts, "silu", True,
+                                                            16)
+    dout = torch.randn(tokens, hidden, generator=g).to(path)
+    args = (dout, saved, x, ids, weights, w1, w2, b1, b2, experts, "silu", True, 16, [True] * 6)
+    torch.library.opcheck(torch.ops.blocksparse_moe.experts_backward.default, args,
+                          test_utils=("test_faketensor",))

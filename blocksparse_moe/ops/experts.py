@@ -60,8 +60,14 @@ def _forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[to
 
 def _backward_fake(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size,
                    needs):
+    # The strides both back ends give: dx and dweights row-major whatever x's and the
+    # weights' layouts, the parameters' gradients in their parameter's own strides.
     inputs = (x, weights, w1, w2, b1, b2)
-    return [torch.empty_like(t) for t, need in zip(inputs, needs) if need and t is not None]
+    out = []
+    for i, (t, need) in enumerate(zip(inputs, needs)):
+        if need and t is not None:
+            out.append(t.new_empty(t.shape) if i < 2 else torch.empty_like(t))
+    return out
 
 
 @custom_op("experts_backward", _backward_fake)
