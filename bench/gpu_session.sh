@@ -3,7 +3,8 @@
 # H100/H200): build _C in place, the -m gpu tests, a layer on cuda:1 against cuda:0 when two
 # GPUs are visible, compute-sanitizer over every CUDA op, the compile sweep for this GPU's
 # capability (every kernel variant and config; no spills, shared memory within the device's
-# limit), the main job and both benchmarks. Logs and results go to $OUT (or bench/results/gpu-run).
+# limit), the decode benchmark and ncu's DRAM bytes of the fused kernels (bench/ncu_experts.py,
+# to set beside bench/traffic.py's model), the main job and both benchmarks. Logs and results go to $OUT (or bench/results/gpu-run).
 #
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
 #
@@ -22,9 +23,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "import blocksparse_moe, json; print(json.dumps(blocksparse_moe.native_status()))" | tee "$out/native_status.json"
 export BLOCKSPARSE_MOE_REQUIRE_NATIVE=1
 
-step "pytest -m gpu"
+step "pytest -m gpu (CUDA graph capture of decode steps, fp8, ...)"
 timeout 240 python3 -m pytest tests -q -m gpu -x -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1 || status=1
 tail -5 "$out/pytest-gpu.log"
+
+step "decode benchmark (HBM share of the hit experts' weights) and ncu DRAM bytes vs the traffic model"
+timeout 150 python3 bench/decode.py --out-dir "$out" | tail -32 || status=1
+for shape in qwen3 mixtral; do
+    timeout 120 ncu --profile-from-start off --csv \
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+        python3 bench/ncu_experts.py --shape "$shape" >"$out/ncu-$shape.csv" 2>"$out/ncu-$shape.log" || status=1
+    grep -cE "_up_kernel|_down_kernel|_act_bwd_kernel|_wgrad_kernel" "$out/ncu-$shape.csv" || true
+done
 
 step "two GPUs"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
