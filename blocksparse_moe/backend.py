@@ -164,14 +164,15 @@ class Implementation(Protocol):
 
     def experts_forward(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
                         w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-                        *, num_experts: int, act: str, glu: bool,
-                        block_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """The fused expert path: ``(out [T, H], saved)``; see ``ops/experts.py``."""
+                        *, num_experts: int, act: str, glu: bool, block_size: int,
+                        keep: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The fused expert path: ``(out [T, H], saved)``; see ``ops/experts.py``. Without
+        ``keep`` (no backward will run) the saved pre-activation has no rows."""
 
     def experts_forward_fake(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
                              w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor],
                              b2: Optional[torch.Tensor], *, num_experts: int, act: str, glu: bool,
-                             block_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                             block_size: int, keep: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Empty tensors of :meth:`experts_forward`'s shapes (for torch.compile's fake mode)."""
 
     def experts_forward_fp8(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],

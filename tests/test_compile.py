@@ -456,7 +456,7 @@ def test_opcheck_expert_path_backward_strides(path, layout):
     ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
     x, weights, w1, w2, b1, b2, ids = (t.to(path) for t in (x, weights, w1, w2, b1, b2, ids))
     out, *saved = torch.ops.blocksparse_moe.experts_forward(x, ids, weights, w1, w2, b1, b2, experts, "silu", True,
-                                                            16)
+                                                            16, True)
     dout = torch.randn(tokens, hidden, generator=g).to(path)
     args = (dout, saved, x, ids, weights, w1, w2, b1, b2, experts, "silu", True, 16, [True] * 6)
     torch.library.opcheck(torch.ops.blocksparse_moe.experts_backward.default, args,

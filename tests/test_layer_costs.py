@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from blocksparse_moe import DroplessMoE, backend
-from blocksparse_moe.costs import measure_step
+from blocksparse_moe.costs import count_host_reads, measure_step
 from blocksparse_moe.kernels import _common
 
 
@@ -105,3 +105,21 @@ def test_layer_captures_in_a_cuda_graph(dtype):
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
     assert torch.equal(layer.w1.grad, eager_grad)
+
+
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "plain"])
+def test_inference_stores_no_pre_activation(glu):
+    """Under no_grad the fused path stores no h (only backward reads it): a forward allocates
+    exactly T*k*G*F elements less than one that will be differentiated, and still matches."""
+    torch.manual_seed(0)
+    tokens, hidden, ffn, experts, k = 40, 32, 48, 4, 2
+    layer = DroplessMoE(hidden, ffn, experts, k, glu=glu, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    with backend.prefer_on_cpu("interpreter"):
+        with count_host_reads() as training:
+            out_train, _ = layer(x)
+        with torch.no_grad(), count_host_reads() as inference:
+            out_infer, _ = layer(x)
+    h_bytes = tokens * k * (2 if glu else 1) * ffn * 2
+    assert training.fresh_bytes - inference.fresh_bytes == h_bytes
+    assert torch.equal(out_train.detach(), out_infer)

@@ -63,16 +63,16 @@ _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # cpu/activation.py
 Tensor = torch.Tensor
 
 
-def _saved_shapes(x: Tensor, expert_indices: Tensor, w1: Tensor, num_experts: int):
+def _saved_shapes(x: Tensor, expert_indices: Tensor, w1: Tensor, num_experts: int, keep: bool = True):
     slots = expert_indices.shape[0] * expert_indices.shape[1]
-    return (slots, w1.shape[1]), (slots,), (num_experts,)
+    return (slots if keep else 0, w1.shape[1]), (slots,), (num_experts,)
 
 
 def experts_forward_fake(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w2: Tensor,
                          b1: Optional[Tensor], b2: Optional[Tensor], *, num_experts: int, act: str, glu: bool,
-                         block_size: int) -> Tuple[Tensor, List[Tensor]]:
+                         block_size: int, keep: bool = True) -> Tuple[Tensor, List[Tensor]]:
     """Shapes and dtypes of :func:`experts_forward`'s results, computing nothing."""
-    h_shape, order_shape, counts_shape = _saved_shapes(x, expert_indices, w1, num_experts)
+    h_shape, order_shape, counts_shape = _saved_shapes(x, expert_indices, w1, num_experts, keep)
     saved = [x.new_empty(h_shape), expert_indices.new_empty(order_shape, dtype=torch.int64),
              expert_indices.new_empty(counts_shape, dtype=torch.int64)]
     return x.new_empty(x.shape), saved
@@ -181,11 +181,12 @@ def _activate(h: Tensor, ffn: int, glu: bool, code: int) -> Tensor:
 
 def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor], w1: Tensor, w2: Tensor,
                     b1: Optional[Tensor], b2: Optional[Tensor], *, num_experts: int, act: str, glu: bool,
-                    block_size: int) -> Tuple[Tensor, List[Tensor]]:
+                    block_size: int, keep: bool = True) -> Tuple[Tensor, List[Tensor]]:
     """``(out [T, H] in x's dtype, saved = [h [S, G*F] in x's dtype, order [S], counts [E]])``.
 
     ``h`` is the pre-activation (bias included) of slot ``order[i]`` in row ``i``;
-    ``block_size`` is not used (no padding on the CPU).
+    ``block_size`` is not used (no padding on the CPU). Without ``keep`` (no backward) the
+    saved ``h`` has no rows (it is still formed here, chunk by chunk, as a work buffer).
     """
     tokens, hidden = x.shape
     k = expert_indices.shape[1]
@@ -218,7 +219,7 @@ def experts_forward(x: Tensor, expert_indices: Tensor, weights: Optional[Tensor]
                 b2r = _rows_of(b2c[e0:e1], part)
                 ye += b2r if ws is None else b2r.mul_(ws[r0:r1])  # the weighted bias
             out.index_add_(0, rows, ye)
-    return out.to(x.dtype), [h, order, counts]
+    return out.to(x.dtype), [h if keep else h[:0], order, counts]
 
 
 def experts_backward(dout: Tensor, saved: List[Tensor], x: Tensor, expert_indices: Tensor,

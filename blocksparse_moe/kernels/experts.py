@@ -32,11 +32,12 @@ reads zeros and stores nothing, so no buffer carries padding.
 Entry points (the expert-path protocol shared with ``cpu/experts.py``; the ops layer has
 checked the arguments, the launchers guard only what would touch memory out of bounds):
     experts_forward(x, expert_indices, weights, w1, w2, b1, b2, *, num_experts, act, glu,
-                    block_size) -> (out [T, H], saved)
+                    block_size, keep=True) -> (out [T, H], saved)
     experts_forward_fake(...)  the same shapes, empty (for torch.library fakes)
     experts_backward(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, *, ...,
                      needs_input_grad) -> (dx, dweights, dw1, dw2, db1, db2), None where not asked
-    saved = [hidden [T*k, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets [E+1]]
+    saved = [hidden [T*k, G*F] ([0, G*F] with keep=False), row_slots [P_max], block_expert [P_max/b],
+             expert_offsets [E+1]]
 Every returned shape depends on the input shapes only (torch.compile needs no data-dependent
 size), and neither pass reads device data on the host.
 
@@ -160,8 +161,8 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
                stride_hr, stride_hc, stride_ar, stride_ac,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GLU: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_A: tl.constexpr,
-               SWAP: tl.constexpr,
+               GLU: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
+               STORE_A: tl.constexpr, SWAP: tl.constexpr,
                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m, pid_n = _tile_ids(GROUP)
@@ -204,11 +205,13 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
         # By slot, not by padded row: h is [T*k, G*F], what the tokens need, and a padding
         # row stores nothing.
         h_s, h_c = _grid2(tl.where(ok, slots, 0).to(tl.int64), cols, SWAP)
-        g = acc_g.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + h_s * stride_hr + h_c * stride_hc, g, mask=x_ok)
+        g = acc_g.to(a_ptr.dtype.element_ty)
         if GLU:
-            u = acc_u.to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + h_s * stride_hr + (h_c + FFN) * stride_hc, u, mask=x_ok)
+            u = acc_u.to(a_ptr.dtype.element_ty)
+        if STORE_H:  # not in inference: only backward reads h
+            tl.store(h_ptr + h_s * stride_hr + h_c * stride_hc, g, mask=x_ok)
+            if GLU:
+                tl.store(h_ptr + h_s * stride_hr + (h_c + FFN) * stride_hc, u, mask=x_ok)
         if STORE_A:
             # The activation once per element, here, not once per H tile of the down product
             # (two MUFU ops per element per tile for silu: as many cycles as the tile's MMAs).
@@ -503,33 +506,35 @@ def _layout(x: torch.Tensor, expert_indices: torch.Tensor, w1: torch.Tensor, w2:
 
 def experts_forward_fake(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
                          w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-                         *, num_experts: int, act: str, glu: bool, block_size: int
+                         *, num_experts: int, act: str, glu: bool, block_size: int, keep: bool = True
                          ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """:func:`experts_forward`'s outputs, empty: shapes from the input shapes only."""
     tokens, top_k, hidden, ffn, groups, p_max, _ = _layout(x, expert_indices, w1, w2, weights, b1, b2, num_experts,
                                                            act, glu, block_size, "experts_forward")
     i32 = torch.int32
-    saved = [x.new_empty((tokens * top_k, groups * ffn)), x.new_empty((p_max,), dtype=i32),
+    saved = [x.new_empty((tokens * top_k if keep else 0, groups * ffn)), x.new_empty((p_max,), dtype=i32),
              x.new_empty((p_max // block_size,), dtype=i32), x.new_empty((num_experts + 1,), dtype=i32)]
     return x.new_empty((tokens, hidden)), saved
 
 
 def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor],
                     w1: torch.Tensor, w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-                    *, num_experts: int, act: str, glu: bool, block_size: int
+                    *, num_experts: int, act: str, glu: bool, block_size: int, keep: bool = True
                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """``(out [T, H], saved)``: every token's k expert MLPs, weighted and summed.
 
-    ``saved = [hidden [P_max, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets
-    [E+1]]``: the pre-activation and the routing (int32), all sized by ``P_max``; what
-    :func:`experts_backward` reads. No host read of device data.
+    ``saved = [hidden [T*k, G*F], row_slots [P_max], block_expert [P_max/b], expert_offsets
+    [E+1]]``: the pre-activation of each slot and the routing (int32); what
+    :func:`experts_backward` reads. ``keep=False`` (no backward will run): hidden has no rows
+    and the up product stores none. No host read of device data.
     """
     tokens, top_k, hidden_size, ffn, groups, p_max, code = _layout(
         x, expert_indices, w1, w2, weights, b1, b2, num_experts, act, glu, block_size, "experts_forward")
     row_slots, block_expert, expert_offsets, _ = static_route(expert_indices, num_experts, block_size)
     dtype, device = x.dtype, x.device
     out = _new((tokens, hidden_size), dtype, device)
-    hidden = _new((tokens * top_k, groups * ffn), dtype, device)  # by slot: no padding row
+    # By slot (no padding row), and only for a backward: inference keeps no pre-activation.
+    hidden = _new((tokens * top_k if keep else 0, groups * ffn), dtype, device)
     saved = [hidden, row_slots, block_expert, expert_offsets]
     if tokens == 0 or hidden_size == 0:
         return out.zero_(), saved
@@ -540,13 +545,14 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     a = _new((slots, ffn), dtype, device)  # forward's temporary: backward recomputes a from h
     _common.launch(
         _up_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
-        x, w1, b1 if b1 is not None else w1, hidden, a, row_slots, block_expert,
+        x, w1, b1 if b1 is not None else w1, hidden if keep else a, a, row_slots, block_expert,
         hidden_size, ffn, top_k, num_experts,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
-        hidden.stride(0), hidden.stride(1), a.stride(0), a.stride(1),
+        *(hidden.stride() if keep else a.stride()), a.stride(0), a.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
                                     hidden_size, ffn, min_warps=8),
-        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_A=True, SWAP=swap_rows(block_size))
+        BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_H=keep, STORE_A=True,
+        SWAP=swap_rows(block_size))
     # y = w * (a @ W2 + b2), each row to its slot.
     _common.launch(
         _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),

@@ -41,20 +41,22 @@ from ..topology import block_size_for_call, check_block_size
 from .activation import canonical_activation
 
 
-def _forward_fake(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size):
+def _forward_fake(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size, keep):
     out, saved = backend.impl(x).experts_forward_fake(x, expert_indices, weights, w1, w2, b1, b2,
                                                       num_experts=num_experts, act=act, glu=glu,
-                                                      block_size=block_size)
+                                                      block_size=block_size, keep=keep)
     return [out, *saved]
 
 
 @custom_op("experts_forward", _forward_fake)
 def _forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Optional[torch.Tensor], w1: torch.Tensor,
              w2: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], num_experts: int, act: str,
-             glu: bool, block_size: int) -> List[torch.Tensor]:
-    """``[out, *saved]`` of the back end's ``experts_forward``."""
+             glu: bool, block_size: int, keep: bool) -> List[torch.Tensor]:
+    """``[out, *saved]`` of the back end's ``experts_forward`` (``keep``: whether backward will
+    run, so the pre-activation is stored; without, its saved entry has no rows)."""
     out, saved = backend.impl(x).experts_forward(x, expert_indices, weights, w1, w2, b1, b2,
-                                                 num_experts=num_experts, act=act, glu=glu, block_size=block_size)
+                                                 num_experts=num_experts, act=act, glu=glu, block_size=block_size,
+                                                 keep=keep)
     return [out, *saved]
 
 
@@ -85,8 +87,8 @@ def _backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Tensor, ex
 
 class _ExpertsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, b1, b2, expert_indices, num_experts, act, glu, block_size):
-        out, *saved = _forward(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size)
+    def forward(ctx, x, weights, w1, w2, b1, b2, expert_indices, num_experts, act, glu, block_size, keep):
+        out, *saved = _forward(x, expert_indices, weights, w1, w2, b1, b2, num_experts, act, glu, block_size, keep)
         ctx.save_for_backward(x, weights, w1, w2, b1, b2, expert_indices, *saved)
         ctx.config = (num_experts, act, glu, block_size)
         return out
@@ -98,9 +100,9 @@ class _ExpertsFn(torch.autograd.Function):
         inputs = (x, weights, w1, w2, b1, b2)
         needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:6], inputs)]
         if not any(needs):
-            return (None,) * 11
+            return (None,) * 12
         grads = iter(_backward(dout, saved, x, expert_indices, weights, w1, w2, b1, b2, *ctx.config, needs))
-        return (*(next(grads) if need else None for need in needs), None, None, None, None, None)
+        return (*(next(grads) if need else None for need in needs), None, None, None, None, None, None)
 
 
 def _expert_ids(op: str, routing: Union[torch.Tensor, Routing], tokens: int, device: torch.device,
@@ -222,7 +224,10 @@ def _expert_mlp(op, x, expert_indices, weights, w1, w2, b1, b2, activation, glu,
         checks.shape(op, "b2", b2, (experts, hidden), "[E, H]")
     act = canonical_activation(activation, op)
     ids, block_size = _routing_args(op, expert_indices, x, weights, w2, block_size, check_indices)
-    return _ExpertsFn.apply(x, weights, w1, w2, b1, b2, ids, experts, act, bool(glu), block_size)
+    # Inference (grad mode off, or no input needing a gradient) stores no pre-activation: a
+    # forward then allocates a, y and out only, below the floor of a training step.
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, w1, w2, b1, b2))
+    return _ExpertsFn.apply(x, weights, w1, w2, b1, b2, ids, experts, act, bool(glu), block_size, keep)
 
 
 def _routing_args(op, expert_indices, x, weights, w2, block_size, check_indices) -> Tuple[torch.Tensor, int]:
@@ -294,7 +299,7 @@ class _Fp8ExpertsFn(torch.autograd.Function):
         # pre-activation it keeps; the fp8 weights themselves are frozen (no gradient).
         w1d = dequantize_weight_blockwise(w1, w1_scale, x.dtype)
         w2d = dequantize_weight_blockwise(w2, w2_scale, x.dtype)
-        _, *saved = _forward(x, expert_indices, weights, w1d, w2d, b1, b2, *ctx.config)
+        _, *saved = _forward(x, expert_indices, weights, w1d, w2d, b1, b2, *ctx.config, True)
         need_x, need_w, need_b1, need_b2 = needs
         grads = iter(_backward(dout, saved, x, expert_indices, weights, w1d, w2d, b1, b2, *ctx.config,
                                [need_x, need_w, False, False, need_b1, need_b2]))
