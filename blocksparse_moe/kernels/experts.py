@@ -156,6 +156,15 @@ def _tile_ids(GROUP: tl.constexpr):
 
 
 @triton.jit
+def _tokens(slots, ok, TOP_K):
+    """``(slot, token)`` of a tile's rows, int64 for the address products (0 on padding rows).
+    The division runs on the int32 slots (< T*k <= int32 max): a 64-bit division by a runtime
+    value is a ptxas subroutine that costs registers (spills under Triton 3.6)."""
+    s = tl.where(ok, slots, 0)
+    return s.to(tl.int64), (s // TOP_K).to(tl.int64)
+
+
+@triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_ptr,
                H, FFN, TOP_K, NUM_EXPERTS,
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
@@ -261,7 +270,7 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
             bias = tl.load(bias_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             acc += _cols(bias, SWAP)
         if HAS_WEIGHTS:
-            t = slot // TOP_K
+            t = (tl.where(ok, slots, 0) // TOP_K).to(tl.int64)  # see _tokens: a 32-bit division
             wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
             acc = acc * _rows(wv.to(tl.float32), SWAP)
         # The scatter: each real row to its slot (each slot has exactly one row).
@@ -290,8 +299,7 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
-        slot = tl.where(ok, slots, 0).to(tl.int64)
-        tok = slot // TOP_K
+        slot, tok = _tokens(slots, ok, TOP_K)
         if HAS_WEIGHTS:
             wv = tl.load(gw_ptr + tok * stride_gt + (slot - tok * TOP_K) * stride_gj, mask=ok, other=0.0)
             wv = _rows(wv.to(tl.float32), SWAP)
@@ -393,8 +401,7 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
         nxt = r0 + BLOCK_K + offs_r
         slots_next = tl.load(row_slots_ptr + nxt, mask=nxt < end, other=-1)
         ok = slots >= 0
-        slot = tl.where(ok, slots, 0).to(tl.int64)
-        tok = slot // TOP_K
+        slot, tok = _tokens(slots, ok, TOP_K)
         # L is [T*k, C] by slot (h's gradient, or a): a padding row is a zero column of L^T.
         l = tl.load(l_ptr + slot[None, :] * stride_lr + cc[:, None] * stride_lc, mask=ok[None, :], other=0.0)
         r = tl.load(src_ptr + tok[:, None] * stride_st + nn[None, :] * stride_sn,
@@ -421,10 +428,11 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_pt
 
 # -- launchers ------------------------------------------------------------------------------
 
-# Column tiles of the activation backward: its epilogue holds acc, g, u, act and act' at
-# once; in fp32 a 64x64 tile (8 warps, 3 stages) spilled 16 bytes on sm_90 (plain relu MLP,
-# b = 128, the compile test), so fp32 takes 32 columns.
-_ACT_BWD_COLS = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+# Column tiles of the up and activation-backward kernels, whose epilogues hold several fp32
+# tiles at once (two accumulators and a; or acc, g, u, act and act'): in true fp32, where
+# tl.dot runs on the CUDA cores with its operand tiles in registers too, a 64x64 tile spilled
+# 8-16 bytes on sm_90 (8 warps) or reached 254 registers (4 warps), so fp32 takes 32 columns.
+_EPILOGUE_COLS = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
 
 
 def swap_rows(block_size: int) -> bool:
@@ -452,8 +460,8 @@ def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int,
     The up and activation-backward kernels cap their tiles at 64: their epilogues hold four to
     five fp32 tiles at once (two accumulators, or acc, g, u, act, act'), which spill past 255
     registers on sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64
-    on 4). ``min_warps=8`` for the activation-backward kernel and the up kernel with the
-    activation in its epilogue: at 4 warps they spill on sm_80/sm_100 and in fp32.
+    on 4). ``min_warps=8`` for the activation-backward kernel: at 4 warps it spills on
+    sm_80/sm_100 and in fp32. In fp32 both take 32 columns (``_EPILOGUE_COLS``).
 
     The autotune key is the use's name, the token-count class of the call
     (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
@@ -549,8 +557,9 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         hidden_size, ffn, top_k, num_experts,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
         *(hidden.stride() if keep else a.stride()), a.stride(0), a.stride(1),
-        device=device, tiles=_tiles("up", dtype, block_size, (min(block_size, 64), min(cols, 64), 0), slots,
-                                    hidden_size, ffn, min_warps=8),
+        device=device, tiles=_tiles("up", dtype, block_size,
+                                    (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
+                                    hidden_size, ffn),
         BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_H=keep, STORE_A=True,
         SWAP=swap_rows(block_size))
     # y = w * (a @ W2 + b2), each row to its slot.
@@ -632,7 +641,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             SWAP=swap_rows(block_size),
             DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, PART=cols,
             device=device, tiles=_tiles("act-bwd", dtype, block_size,
-                                        (min(block_size, 64), min(cols, _ACT_BWD_COLS[dtype]), 0), slots,
+                                        (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
                                         hidden_size, ffn, min_warps=8))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
         dw, db = (dw2 if dw2 is not None else w2), db2
