@@ -90,8 +90,8 @@ for _warps, _stages in ((8, 3), (4, 4)):
             _cases.append(("wgrad", "_wgrad_kernel", dict({k: v for k, v in _full.items() if k != "BLOCK"},
                                                           HAS_WEIGHTS=True, STORE_DW=True, SUM_L=True, SUM_R=True)))
         for _name, _kernel, _consts in _cases:
-            if _warps < 8 and _name == "act_bwd":
-                continue  # its launcher asks for 8 warps (experts._tiles min_warps): 4 is never launched
+            if _warps < 8 and _name in ("up", "act_bwd"):
+                continue  # their launchers ask for 8 warps (experts._tiles min_warps): 4 is never launched
             _tile = f"{_consts['BLOCK_M']}x{_consts['BLOCK_N']}x{_consts['BLOCK_K']}"
             VARIANTS[f"{_name}-b{_b}-{_tile}-w{_warps}"] = (
                 _kernel, dict(_consts, INTERPRET=False, INPUT_PRECISION="ieee"), _warps, _stages)

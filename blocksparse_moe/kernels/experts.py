@@ -460,8 +460,9 @@ def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int,
     The up and activation-backward kernels cap their tiles at 64: their epilogues hold four to
     five fp32 tiles at once (two accumulators, or acc, g, u, act, act'), which spill past 255
     registers on sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64
-    on 4). ``min_warps=8`` for the activation-backward kernel: at 4 warps it spills on
-    sm_80/sm_100 and in fp32. In fp32 both take 32 columns (``_EPILOGUE_COLS``).
+    on 4). ``min_warps=8`` for both: at 4 warps they spill on sm_80/sm_100 and in fp32 (the
+    up kernel's fp32 64x32 tile by 8 bytes under Triton 3.6, its epilogue making a), and in
+    fp32 both take 32 columns (``_EPILOGUE_COLS``).
 
     The autotune key is the use's name, the token-count class of the call
     (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
@@ -559,7 +560,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         *(hidden.stride() if keep else a.stride()), a.stride(0), a.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size,
                                     (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
-                                    hidden_size, ffn),
+                                    hidden_size, ffn, min_warps=8),
         BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_H=keep, STORE_A=True,
         SWAP=swap_rows(block_size))
     # y = w * (a @ W2 + b2), each row to its slot.
