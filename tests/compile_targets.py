@@ -56,7 +56,7 @@ TARGETS = (80, 90, 100)
 
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
                     "torch.float64": "fp64", "torch.int32": "i32", "torch.int64": "i64", "torch.int16": "i16",
-                    "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1"}
+                    "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1", "torch.float8_e4m3fn": "fp8e4nv"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -198,6 +198,32 @@ def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
         w = torch.rand(T, K, generator=g).to(dtype).requires_grad_(True)
         ops.scatter(ops.gather(x, r, K), r, w, K).float().sum().backward()
         ops.padded_scatter(ops.padded_gather(x, r, K), r, None, K).float().sum().backward()
+    if torch.bfloat16 in dtypes:
+        _fp8_workload(g, block_sizes)
+
+
+def _fp8_workload(g, block_sizes) -> None:
+    """The fp8 expert path (forward only), as served: bf16 x, w2 the transposed view of a
+    checkpoint's down_proj [E, H, F] (F-contiguous, K-major), GLU with biases and weights and
+    plain without, at every row padding b. H = 160: a short last 128-group and scale strides
+    other than 1, as at real sizes."""
+    import torch
+
+    from blocksparse_moe import expert_mlp
+    from blocksparse_moe.fp8 import quantize_weight_blockwise
+
+    H, F, T, E, K = 160, 128, 6, 2, 2
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, K), generator=g)
+    for b in block_sizes:
+        for glu, act in ((True, "gelu_tanh"), (False, "silu")):
+            w1, s1 = quantize_weight_blockwise(torch.randn(E, (2 if glu else 1) * F, H, generator=g))
+            w2t, s2t = quantize_weight_blockwise(torch.randn(E, H, F, generator=g))  # down_proj [E, H, F]
+            bias = dict(b1=torch.randn(E, 2 * F, generator=g).to(torch.bfloat16),
+                        b2=torch.randn(E, H, generator=g).to(torch.bfloat16)) if glu else {}
+            weights = torch.rand(T, K, generator=g) if glu else None
+            expert_mlp(x, ids, weights, w1, w2t.transpose(1, 2), **bias, activation=act, glu=glu, block_size=b,
+                       w1_scale=s1, w2_scale=s2t.transpose(1, 2))
 
 
 def unguarded(launches: Sequence[Launch]) -> List[str]:
@@ -233,11 +259,25 @@ def _variants(launch: Launch, cap: int) -> List[Dict[str, object]]:
     return launch.plan.variants((cap // 10, cap % 10))
 
 
+def _fp8_target(launch: Launch, cap: int) -> int:
+    """The target a launch compiles for in place of ``cap``: sm_80 has no fp8 tensor cores,
+    so an fp8 launch (an e4m3 pointer) compiles for sm_89 (Ada), the sm80 family of the fp8
+    config tables (kernels/_common.py)."""
+    fp8 = any(kind == "ptr" and value == "torch.float8_e4m3fn" for _, kind, value in launch.args)
+    return 89 if fp8 and cap < 89 else cap
+
+
+def is_fp8(result: dict) -> bool:
+    """Whether a job or result is an fp8 product (an e4m3 operand pointer)."""
+    return "*fp8e4nv" in result["signature"].values()
+
+
 def jobs(launches: Sequence[Launch], caps: Sequence[int], full: bool = False) -> List[dict]:
-    """One compile job per (launch, target, variant), deduplicated."""
+    """One compile job per (launch, target, variant), deduplicated; fp8 launches compile for
+    sm_89 in place of sm_80 (:func:`_fp8_target`)."""
     out: Dict[str, dict] = {}
     for launch in launches:
-        for cap in caps:
+        for cap in (_fp8_target(launch, c) for c in caps):
             for variant in _variants(launch, cap):
                 for spec in (("aligned", "recorded") if full else ("aligned",)):
                     signature, constexprs, divisible = {}, {}, []
@@ -306,7 +346,8 @@ def ci_jobs(launches: Sequence[Launch]) -> List[dict]:
     least once (:func:`covering`), and every elementwise launch in bf16. sm_80 and
     sm_100: every config of the bf16 products at block size 128. fp16 (bf16's twin in
     registers and shared memory) and block sizes 32 and 64 (tiles between the two swept)
-    are in the full sweep (:func:`jobs` of every launch)."""
+    are in the full sweep (:func:`jobs` of every launch). The fp8 forward (bf16 x): sm_90
+    at every block size, sm_89 (for sm_80) and sm_100 at block sizes 16 and 128."""
     caps = targets()
     keep = {"bf16", "fp32", "fp32 (tf32)", "-", "i32"}
     out = []
@@ -319,9 +360,12 @@ def ci_jobs(launches: Sequence[Launch]) -> List[dict]:
             block = c.get("BLOCK", c.get("BLOCK_M"))
             if dtype_of(job) not in keep:
                 continue
-            if cap == 90 and (block in (16, 128) if product else dtype_of(job) in ("bf16", "-")):
+            if cap == 90 and is_fp8(job):  # the fp8 forward: every block size (wgmma at each)
                 selected.append(job)
-            elif cap != 90 and product and block == 128 and dtype_of(job) == "bf16":
+            elif cap == 90 and (block in (16, 128) if product else dtype_of(job) in ("bf16", "-")):
+                selected.append(job)
+            elif cap != 90 and product and block in ((16, 128) if is_fp8(job) else (128,)) \
+                    and dtype_of(job) == "bf16":
                 selected.append(job)
         out += covering(selected)
     return out
@@ -335,6 +379,14 @@ def _mma_kind(ptx: str) -> str:
         if pattern in ptx:
             return kind
     return "none"
+
+
+def _mma_instruction(ptx: str) -> str:
+    """The first MMA instruction of the PTX with its shape and types (e.g.
+    ``wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3``), "" if none: says whether an
+    fp8 product really multiplies e4m3 operands."""
+    m = re.search(r"(?:tcgen05\.mma|wgmma\.mma_async|mma\.sync)\S*", ptx)
+    return m.group(0) if m else ""
 
 
 def _resources(cubin: bytes) -> Dict[str, int]:
@@ -371,6 +423,7 @@ def _compile_one(job: dict) -> dict:
         buffers = [int(x) for x in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
         result.update(ok=True, regs=res["regs"], spill_bytes=res["stack"] + res["local"],
                       shared=kernel.metadata.shared + res["static_shared"], mma=_mma_kind(kernel.asm["ptx"]),
+                      mma_instruction=_mma_instruction(kernel.asm["ptx"]),
                       buffers=max(buffers) if buffers else 0)
         if job.get("keep_ttir"):
             result["ttir"] = kernel.asm["ttir"]

@@ -15,6 +15,7 @@ writes that table to bench/results/.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ needs_interpreter = pytest.mark.skipif(not backend.interpreter_enabled(), reason
 pytestmark = needs_interpreter
 FULL = os.environ.get("BLOCKSPARSE_MOE_COMPILE_SWEEP", "") == "full"
 PRODUCTS = ("_sdd_kernel", "_sdd_merged_kernel", "_dsd_kernel")
+FP8 = ("_up_fp8_kernel", "_down_fp8_kernel")  # the fp8 expert forward (kernels/experts_fp8.py)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,12 @@ def test_recorder_sees_every_variant(launches):
     for kernel in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
         assert _values(launches, kernel, "ACT") == {0, 1, 2, 3}  # silu, gelu, gelu_tanh, relu
         assert _values(launches, kernel, "HAS_UP") == {True, False}  # GLU and plain MLP
+    # The fp8 forward: both kernels, GLU and plain, every row padding, both orientations.
+    for kernel in FP8:
+        assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}, kernel
+        assert _values(launches, kernel, "GLU") == {True, False}, kernel
+        assert _values(launches, kernel, "SWAP") == {True, False}, kernel  # b < 64 transposed
+        assert {l.plan.dtype for l in launches if l.qualname == kernel} == {torch.float8_e4m3fn}
 
 
 def test_every_launch_is_device_guarded(launches):
@@ -86,7 +94,8 @@ def test_fp32_compiles_with_and_without_tf32(results):
 
 
 def test_every_variant_compiles_without_spills_within_shared_memory(results):
-    assert {r["capability"] for r in results} == set(ct.targets())
+    # Every target of the sweep; fp8 launches compile for sm_89 in place of sm_80.
+    assert {r["capability"] for r in results} - {89} == set(ct.targets())
     found = ct.problems(results)
     assert not found, f"{len(found)} of {len(results)} variants fail:\n" + "\n".join(found[:40])
 
@@ -117,6 +126,29 @@ def test_fused_expert_kernels_run_wgmma_at_every_block_size(results):
             assert r["mma"] == "wgmma", ct.label(r)
             checked.add((r["qualname"], r["constexprs"].get("BLOCK")))
     assert {16, 128} <= {b for k, b in checked if k == "_up_kernel"}, checked  # transposed and plain
+
+
+# The MMA of an fp8 product, both operands e4m3 (an operand Triton upcast would show f16/bf16).
+FP8_MMA = {89: r"^mma\.sync\.aligned\.\S*\.e4m3\.e4m3\.", 90: r"^wgmma\.mma_async\.\S*\.e4m3\.e4m3$",
+           100: r"^tcgen05\.mma\S*\.kind::f8f6f4$"}
+
+
+def test_fp8_kernels_run_fp8_tensor_cores_at_every_block_size(results):
+    # sm_90: fp8 wgmma at every row padding b (16 and 32 through the transposed product,
+    # the rows on wgmma's N side), without spills; sm_89 (sm_80 has no fp8 tensor cores):
+    # fp8 mma.sync; sm_100: tcgen05 kind::f8f6f4.
+    checked = set()
+    for r in results:
+        if r["qualname"] not in FP8:
+            continue
+        assert r["ok"], ct.label(r)
+        assert re.search(FP8_MMA[r["capability"]], r["mma_instruction"]), f"{ct.label(r)}: {r['mma_instruction']}"
+        assert r["spill_bytes"] == 0, f"{ct.label(r)}: spills {r['spill_bytes']} bytes ({r['regs']} registers)"
+        checked.add((r["qualname"], r["capability"], r["constexprs"]["BLOCK"]))
+    caps = {89 if c < 89 else c for c in ct.targets()}
+    for kernel in FP8:
+        assert {(kernel, 90, b) for b in (16, 32, 64, 128)} <= checked, checked
+        assert {(kernel, c, b) for c in caps for b in (16, 128)} <= checked, checked
 
 
 def test_products_pipeline_num_stages_deep(results):

@@ -8,6 +8,11 @@ the format's definition (issue 19), not from the package's code:
               fp32 from that h; y = quant(a) @ W2[e] + b2, times the top-k weight; summed
               over the k choices. The GEMMs in float64.
 
+Both orientations of the kernels run here: the transposed product (``SWAP``, the rows on the
+MMA's N side) at b = 16 and 32, the plain one at b = 64 and 128 (:func:`test_launch_plan`
+pins which is which). The launch plan comes from ``_common``'s "fp8" tables like the bf16
+path's: tested without a GPU on the tables themselves.
+
 Tolerance: 1e-2 relative (Frobenius), the issue's bound. Where it comes from: both sides
 quantize the same fp32 values with the same rule, so what is left is the fp32 accumulation
 (~1e-6), the rounding of the output to x's dtype (bf16: ~2e-3 relative rms), and the few
@@ -26,7 +31,8 @@ import triton
 import triton.language as tl
 
 from blocksparse_moe import backend
-from blocksparse_moe.kernels import experts_fp8
+from blocksparse_moe.kernels import _common, experts_fp8
+from blocksparse_moe.kernels._rowtile import _grid2
 
 pytestmark = pytest.mark.skipif(not backend.interpreter_enabled(), reason="interpreter test (TRITON_INTERPRET=1)")
 
@@ -148,10 +154,11 @@ def check(case, tol=REL_FROBENIUS):
 
 
 T, E = 24, 4
+# b = 16, 32: the transposed product (SWAP); b = 64, 128: the plain orientation.
 CASES = [
-    pytest.param(dict(), id="glu-silu-b16-bias-weights-H160-short-group"),
-    pytest.param(dict(glu=False, act="gelu", F=192, b=32, T=20), id="plain-gelu-b32-F192-short-F-group"),
-    pytest.param(dict(act="relu", F=192, b=64), id="glu-relu-b64-two-row-tiles-per-block"),
+    pytest.param(dict(), id="glu-silu-b16-swapped-bias-weights-H160-short-group"),
+    pytest.param(dict(glu=False, act="gelu", F=192, b=32, T=20), id="plain-gelu-b32-swapped-F192-short-F-group"),
+    pytest.param(dict(act="relu", F=192, b=64), id="glu-relu-b64-plain-two-row-tiles-per-block"),
     pytest.param(dict(act="gelu_tanh", bias=False), id="glu-gelu_tanh-no-bias",
                  # the interpreter's numpy exp overflows to inf for |h| >~ 45: sigmoid -> 0, exact
                  marks=pytest.mark.filterwarnings("ignore:overflow encountered in exp")),
@@ -161,7 +168,9 @@ CASES = [
     pytest.param(dict(ids=torch.tensor([[0, 2], [3, 0], [2, 3]] * 8)), id="empty-expert-1"),
     pytest.param(dict(k=1, T=40, ids=torch.full((40, 1), 2)), id="one-expert-takes-all"),
     pytest.param(dict(ids=torch.tensor([[1, 1]] * 5 + [[0, 3]] * 3), T=8), id="token-names-one-expert-twice"),
-    pytest.param(dict(H=256, F=128, b=128, T=12, E=2), id="b128-H-F-whole-groups"),
+    pytest.param(dict(H=256, F=128, b=128, T=12, E=2), id="b128-plain-H-F-whole-groups"),
+    pytest.param(dict(glu=False, act="silu", H=200, F=128, b=128, T=14, E=3), id="plain-silu-b128-plain"),
+    pytest.param(dict(act="gelu", F=128, b=32, k=1, T=20, weighted=False), id="glu-gelu-b32-swapped-k1"),
     pytest.param(dict(H=300, F=48, b=16, T=9), id="H300-three-groups-F48"),
     pytest.param(dict(dtype=torch.float16), id="fp16"),
     pytest.param(dict(w2_transposed=False), id="w2-contiguous-N-major"),
@@ -205,18 +214,18 @@ def test_zero_input_row_gets_bias_path_only():
 # -- the quantizer, bit for bit -------------------------------------------------------------
 
 @triton.jit
-def _quantize_probe(v_ptr, q_ptr, s_ptr, K, ROWS: tl.constexpr):
+def _quantize_probe(v_ptr, q_ptr, s_ptr, K, ROWS: tl.constexpr, SWAP: tl.constexpr):
     r = tl.arange(0, ROWS)
-    c = tl.arange(0, 128)
-    m = (r[:, None] >= 0) & (c[None, :] < K)
-    v = tl.load(v_ptr + r[:, None] * K + c[None, :], mask=m, other=0.0)
-    q, s = experts_fp8._quantize(v, True)
-    tl.store(q_ptr + r[:, None] * 128 + c[None, :], q)
+    rr, cc = _grid2(r, tl.arange(0, 128), SWAP)  # with SWAP the tile is [128, ROWS]
+    v = tl.load(v_ptr + rr * K + cc, mask=(rr >= 0) & (cc < K), other=0.0)
+    q, s = experts_fp8._quantize(v, SWAP, True)
+    tl.store(q_ptr + rr * 128 + cc, q)
     tl.store(s_ptr + r, s)
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["rows-on-dim0", "swapped-rows-on-dim1"])
 @pytest.mark.parametrize("width", [128, 44], ids=["whole-group", "short-group"])
-def test_quantizer_is_the_definition_bit_for_bit(width):
+def test_quantizer_is_the_definition_bit_for_bit(width, swap):
     """Scales and e4m3 values exactly those of the definition (torch's round-to-nearest-even
     cast): every binade of e4m3 incl. subnormals, exact ties, a zero row (scale floor),
     rows below the floor, the 448 end."""
@@ -228,7 +237,7 @@ def test_quantizer_is_the_definition_bit_for_bit(width):
     v[2, :] = 448.0 * (torch.arange(width).float() / width)               # s = 1: ties between e4m3 values
     q = torch.empty(rows, 128)
     s = torch.empty(rows)
-    _quantize_probe[(1,)](v.contiguous(), q, s, width, ROWS=rows)
+    _quantize_probe[(1,)](v.contiguous(), q, s, width, ROWS=rows, SWAP=swap)
     s_ref = v.abs().amax(1).clamp(min=1e-4) / 448.0
     q_ref = (v / s_ref[:, None]).to(E4M3).float()
     assert torch.equal(s, s_ref)
@@ -256,10 +265,73 @@ def test_bad_arguments_raise_before_launch(change, error, match):
                                             ((10, 0), True), ((12, 0), True)],
                          ids=["sm80", "sm86", "sm89", "sm90", "sm100", "sm120"])
 def test_gpu_without_fp8_tensor_cores_is_refused(capability, ok):
-    """What the launcher asks of a CUDA device: sm_89+ gets a config table, older a ValueError
-    that says why (no silent fallback)."""
+    """What a launch asks of a CUDA device: sm_89+ gets the "fp8" table of its family (BLOCK_K
+    the 128-wide group), older a ValueError that says why (no silent fallback)."""
     if ok:
-        assert experts_fp8.fp8_configs("down", 64, capability)
+        configs = _common.tile_configs(64, "", dtype=torch.float8_e4m3fn, capability=capability)
+        assert configs and {c["BLOCK_K"] for c in configs} == {128}
     else:
         with pytest.raises(ValueError, match="fp8 tensor cores"):
-            experts_fp8.fp8_configs("down", 64, capability)
+            _common.tile_configs(64, "", dtype=torch.float8_e4m3fn, capability=capability)
+
+
+# -- the launch plan (as experts.py's: _common.launch with Tiles) ---------------------------
+
+def _launches(monkeypatch, case):
+    """``[(kernel name, tiles, args, constexprs)]`` of the fp8 launches of one call, recorded
+    instead of run (the routing's launches run)."""
+    calls, launch = [], _common.launch
+
+    def record(kernel, grid, *args, device, tiles=None, **kwargs):
+        if kernel not in (experts_fp8._up_fp8_kernel, experts_fp8._down_fp8_kernel):
+            return launch(kernel, grid, *args, device=device, tiles=tiles, **kwargs)
+        calls.append((kernel.fn.__name__, tiles, args, kwargs))
+
+    monkeypatch.setattr(_common, "launch", record)
+    run(case)
+    return calls
+
+
+@pytest.mark.parametrize("b", [16, 32, 64, 128])
+def test_launch_plan(monkeypatch, b):
+    """Per block size: the orientation (transposed below 64 rows), the rows-by-slot h buffer
+    (no padding rows), the autotune key's token-count class, and on sm_90 tiles that divide
+    what they must and give wgmma a 64-row M side (the rows, or with SWAP the columns)."""
+    F, T, k = 384, 24, 2  # col_tile(F) = 128
+    calls = _launches(monkeypatch, make_case(T=T, k=k, F=F, b=b))
+    assert [name for name, *_ in calls] == ["_up_fp8_kernel", "_down_fp8_kernel"]
+    (_, up, up_args, up_kw), (_, down, down_args, down_kw) = calls
+    assert up_kw["SWAP"] == down_kw["SWAP"] == (b < 64)
+    hidden = up_args[4]
+    assert tuple(hidden.shape) == (T * k, 2 * F) and down_args[0] is hidden, "h by slot: [T*k, G*F]"
+    for tiles, width in ((up, F), (down, 128)):
+        assert tiles.dtype == torch.float8_e4m3fn and tiles.block_size == b
+        assert _common.token_class(T * k) in tiles.key
+        for cfg in tiles.variants((9, 0)):
+            assert cfg["BLOCK_K"] == 128 and b % cfg["BLOCK_M"] == 0 and width % cfg["BLOCK_N"] == 0, cfg
+            assert (cfg["BLOCK_N"] if b < 64 else cfg["BLOCK_M"]) >= 64, f"no 64-row M side for wgmma: {cfg}"
+
+
+def test_decode_and_prefill_tune_apart(monkeypatch):
+    decode = _launches(monkeypatch, make_case(T=4, b=16))[0][1]
+    prefill = _launches(monkeypatch, make_case(T=200, b=16))[0][1]
+    assert decode.key != prefill.key
+
+
+def test_deterministic_mode_takes_the_tables_first_config(monkeypatch):
+    """On a GPU (faked: sm_90) deterministic mode skips the autotuner: the table's first entry."""
+    tiles = _launches(monkeypatch, make_case(b=128, F=128, H=256))[1][1]
+    monkeypatch.setattr(_common, "interpret_flag", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_common, "_TUNED", {})
+    device = torch.device("cuda", 0)
+    candidates = tiles.variants((9, 0))
+    assert len(candidates) > 1
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runner, meta = _common._runner(experts_fp8._down_fp8_kernel, tiles, device, "ieee")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert runner is experts_fp8._down_fp8_kernel and not _common._TUNED
+    assert meta == {k: v for k, v in candidates[0].items() if k not in ("INTERPRET", "INPUT_PRECISION")}

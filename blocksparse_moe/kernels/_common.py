@@ -13,7 +13,7 @@
   otherwise run on cuda:0), and for the tiled products (:class:`Tiles`) with the configs
   of :func:`tile_configs`: one small config under the interpreter (its timer is worth
   nothing); on a GPU the candidates of the target's table (sm_80, sm_90, sm_100) for the
-  operand class (fp16/bf16, TF32, true fp32), autotuned. Nothing here probes the device at
+  operand class (fp16/bf16, TF32, true fp32, fp8 e4m3), autotuned. Nothing here probes the device at
   import: autotuners are built on first launch, one per (kernel, capability, Tiles, input
   precision). ``tile_configs(..., capability=(9, 0))`` answers for a target without a GPU:
   the compile test (tests/compile_targets.py) compiles exactly those.
@@ -88,12 +88,13 @@ def check_launch_dtype(op: str, t: torch.Tensor, name: str) -> None:
 # register spills and within its shared memory (tests/test_compile_targets.py checks it,
 # bench/results/compile-sm*.md lists registers and shared bytes per variant).
 #
-# Operand classes: "half" (fp16/bf16 on the tensor cores), "tf32" (fp32 operands on the
-# tensor cores: 4-byte tiles, so half the BLOCK_K of "half" for the same shared memory) and
-# "fp32" (true fp32, torch's default: tl.dot runs as FMAs on the CUDA cores, where the
-# operand tiles live in registers next to the accumulator, hence much smaller tiles; the
-# 64x32 / 32x64 tiles spilled 8-16 bytes with 3 stages in some operand layouts, and 64x32
-# clipped to 32x32x16 in the merged small-block sdd still did with 2, so it is gone).
+# Operand classes: "half" (fp16/bf16 on the tensor cores), "fp8" (e4m3, last below), "tf32"
+# (fp32 operands on the tensor cores: 4-byte tiles, so half the BLOCK_K of "half" for the
+# same shared memory) and "fp32" (true fp32, torch's default: tl.dot runs as FMAs on the
+# CUDA cores, where the operand tiles live in registers next to the accumulator, hence much
+# smaller tiles; the 64x32 / 32x64 tiles spilled 8-16 bytes with 3 stages in some operand
+# layouts, and 64x32 clipped to 32x32x16 in the merged small-block sdd still did with 2,
+# so it is gone).
 # TF32 tiles of 128 columns take 8 warps on sm_90: the merged small-block sdd, which
 # transposes both operands, reached 255 registers with 4.
 _CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int, int]]] = {
@@ -111,8 +112,25 @@ _CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int, int]]] = {
                         (64, 64, 64, 4, 4)],
     ("sm100", "tf32"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
     ("sm100", "fp32"): [(64, 64, 16, 4, 3), (32, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
+    # "fp8": e4m3 x e4m3 (kernels/experts_fp8.py, its up and down kernels share a table).
+    # BLOCK_K is fixed at 128, one quantization group. What limits the tiles is what each
+    # thread holds beside the accumulators: the [BLOCK_M, 128] fp32 tile of x (up) or of g,
+    # u and a (down) that is quantized in registers. sm80 here means sm_89 (Ada) and sm_120:
+    # fp8 mma.sync, 99 KiB of shared memory. No 32-row entry on sm_90/sm_100: at b >= 64 the
+    # row tile is wgmma's (tcgen05's) M side, which needs 64. Left out because they spill
+    # (8 to 488 bytes) under Triton 3.9 or 3.6 in one of the two kernels: 128x128 (sm_90,
+    # sm_100), 128x64 (sm_89, sm_100), 64x128 on sm_100 (every warp and stage count), 4 warps
+    # on 64x128 (sm_90) and on 64x64 (sm_89, sm_100), 32x64 (sm_89: 8 bytes, 4 or 8 warps).
+    ("sm80", "fp8"): [(64, 64, 128, 8, 3), (64, 128, 128, 8, 2)],
+    ("sm90", "fp8"): [(128, 64, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 4)],
+    ("sm100", "fp8"): [(64, 64, 128, 8, 4), (64, 64, 128, 8, 3)],
 }
 _INTERPRETED = (32, 32, 32, 1, 1)  # small, but b >= 64 is split so the tiling is exercised
+# fp8: BLOCK_K is the 128-wide quantization group; b = 64 still splits into two row tiles.
+_INTERPRETED_FP8 = (32, 32, 128, 1, 1)
+# From which compute capability a GPU has fp8 tensor cores (sm_89 Ada; the ops layer's
+# checks.FP8_MIN_CAPABILITY says the same: kernels/ does not import checks).
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 def target_family(capability: Tuple[int, int]) -> str:
@@ -128,10 +146,22 @@ def target_family(capability: Tuple[int, int]) -> str:
 
 
 def operand_class(dtype: torch.dtype, tf32: bool) -> str:
-    """"half", "tf32" or "fp32": see the config tables above."""
+    """"half", "tf32", "fp32" or "fp8" (float8_e4m3fn operands): see the config tables above."""
     if dtype == torch.float32:
         return "tf32" if tf32 else "fp32"
+    if dtype == torch.float8_e4m3fn:
+        return "fp8"
     return "half"
+
+
+def config_family(capability: Tuple[int, int], cls: str) -> str:
+    """:func:`target_family` for operand class ``cls``; a ValueError for fp8 below sm_89 (no fp8
+    tensor cores: no table, and no silent fallback). For fp8 the sm80 family is sm_89 Ada
+    (and sm_120): fp8 mma.sync."""
+    if cls == "fp8" and tuple(capability) < FP8_MIN_CAPABILITY:
+        raise ValueError(f"fp8 experts need fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell); "
+                         f"this GPU is sm_{capability[0]}{capability[1]}")
+    return target_family(capability)
 
 
 def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str,
@@ -162,12 +192,13 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
     ``device``: one small config under the interpreter or on a CPU tensor, else the
     autotune candidates of the device's capability.
     """
+    cls = operand_class(dtype, tf32)
     if capability is None:
         if interpret_flag() or device is None or device.type != "cuda":
-            return [_clip(_INTERPRETED, block_size, split, caps)]
+            return [_clip(_INTERPRETED_FP8 if cls == "fp8" else _INTERPRETED, block_size, split, caps)]
         capability = torch.cuda.get_device_capability(device)
     out: List[Dict[str, int]] = []
-    for cfg in _CONFIGS[(target_family(capability), operand_class(dtype, tf32))]:
+    for cfg in _CONFIGS[(config_family(capability, cls), cls)]:
         c = _clip(cfg, block_size, split, caps)
         c["num_warps"] = max(c["num_warps"], min_warps)
         if c not in out:  # clipping to a small b makes several entries equal

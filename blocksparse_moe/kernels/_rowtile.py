@@ -5,8 +5,8 @@ A row-tiled kernel multiplies a tile of rows (tokens, padded per expert to ``b``
 columns. With ``SWAP`` it computes the transposed product instead, so that the rows sit on the
 MMA's N side: wgmma needs 64 rows per warpgroup on M but takes N from 8, so a row padding of 16
 or 32 still runs on wgmma with the 64- or 128-wide column tile on M (``experts.swap_rows``).
-:func:`_grid2`, :func:`_rows`, :func:`_cols`, :func:`_acc`, :func:`_mma` and :func:`_row_sum`
-write every load, mask, product and reduction once for both orientations.
+:func:`_grid2`, :func:`_rows`, :func:`_cols`, :func:`_acc`, :func:`_mma`, :func:`_row_sum` and
+:func:`_row_max` write every load, mask, product and reduction once for both orientations.
 """
 
 from __future__ import annotations
@@ -99,3 +99,13 @@ def _row_sum(v, SWAP: tl.constexpr):
         return tl.sum(v, axis=0)
     else:
         return tl.sum(v, axis=1)
+
+
+@triton.jit
+def _row_max(v, SWAP: tl.constexpr):
+    """The maximum over the columns of a tile of :func:`_grid2`'s orientation: one value per row
+    (the fp8 path's per-row amax of a quantization group)."""
+    if SWAP:
+        return tl.max(v, axis=0)
+    else:
+        return tl.max(v, axis=1)

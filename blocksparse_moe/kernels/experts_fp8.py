@@ -39,24 +39,38 @@ rows past the real P read ``block_expert == E`` and exit):
     _up_fp8_kernel    grid (P_max/BLOCK_M, F/BLOCK_N). Gather of x's rows fused with their
                       quantization, fp8 dot with the gate AND the up tile of W1 (two
                       accumulators, one pass over H); epilogue adds b1, stores [g | u] in
-                      x's dtype.
-    _down_fp8_kernel  grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). Loads h's gate and up tiles,
-                      forms a = act(g) * u in fp32, quantizes it per row, fp8 dot with W2;
-                      epilogue adds b2, multiplies by w_s and stores each real row at its
-                      slot (padding rows store nothing).
+                      x's dtype by slot (padding rows store nothing).
+    _down_fp8_kernel  grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). Loads h's gate and up tiles by
+                      slot (a padding row: slot 0's, never stored), forms a = act(g) * u in
+                      fp32, quantizes it per row, fp8 dot with W2; epilogue adds b2,
+                      multiplies by w_s and stores each real row at its slot.
 Entry point: :func:`experts_forward_fp8` (forward only: inference). Allocates hidden
-[P_max, G*F] (x's dtype), y [T*k, H] (none when k == 1), out [T, H]. No host read of device
-data.
+[T*k, G*F] (x's dtype, by slot: no buffer carries padding rows), y [T*k, H] (none when
+k == 1), out [T, H]. No host read of device data.
 
-Configs: ``BLOCK_K`` is fixed at 128 (the group), so ``_common``'s tables (whose BLOCK_K is a
-tile choice) do not apply: :data:`CONFIGS` holds this family's own (BLOCK_M, BLOCK_N, warps,
-stages) per target, launched through ``_common.launch`` with an explicit config (autotuned
-here on a GPU with more than one candidate). Every entry compiles without spills for its
-target (tests/test_experts_fp8_compile.py, which also checks the PTX: fp8 wgmma on sm_90,
-fp8 mma.sync on sm_89, tcgen05 f8f6f4 on sm_100). Row tiles under 64 rows (b = 16 or 32) are
-too short for wgmma/tcgen05: Triton 3.9 then uses mma.sync with the fp8 operands converted
-to f16 (exact; the weights are still read as fp8). A swapped product (W^T x^T, the tokens as
-the N dimension) would keep fp8 wgmma there.
+Tile order: blockIdx.x walks the row tiles (not yet experts.py's grouped order,
+``experts._tile_ids``: with it, Triton 3.6's ptxas spilled 8 bytes in two variants of the
+"fp8" tables, sm_89 up 64x64 GLU and sm_100 down 32x64 plain).
+
+Orientation: below 64 rows of padding (b = 16, 32; ``experts.swap_rows``) both kernels compute
+the transposed product, as experts.py does (``SWAP``, kernels/_rowtile.py): the weight tile
+[BLOCK_N, 128] is wgmma's A and the quantized activation tile [128, BLOCK_M] its B, so the
+16 or 32 rows sit on N and sm_90 still runs fp8 wgmma. fp8 wgmma takes both operands K-major
+from shared memory, and both are: W1 [E, G*F, H] is H-contiguous (K-major for A or for B^T),
+w2 is usually the transpose view of a checkpoint's [E, H, F] (F = K contiguous), and the
+quantized activations are formed in registers and stored K-major by Triton. (A w2 that is
+N-major, a contiguous [E, F, H], still runs fp8 wgmma: Triton transposes the tile in
+registers on its way to shared memory.) The per-row activation scales then broadcast along
+the tile's dim 1 (``_rows``); the weight scale is one per tile and K step.
+
+Configs: ``_common``'s "fp8" operand class (``Tiles`` with dtype float8_e4m3fn): per-target
+tables with ``BLOCK_K = 128`` (the group), autotuned on a GPU with the token-count class in
+the key (``experts._tiles``), the table's first entry in deterministic mode, one small config
+under the interpreter; below sm_89 a ValueError. Row tiles divide ``b``; the up kernel's
+column tiles divide ``col_tile(F)`` (a gate tile must not reach into the up rows, and each
+tile must lie in one 128-row block of W1), the down kernel's are at most 128 wide (one
+128-column block of W2). Every variant the compile sweep records compiles without spills,
+with fp8 wgmma on sm_90 at every b (tests/test_compile_targets.py).
 
 Interpreter: ``INTERPRET`` (as in ``_common.dot``) upcasts the fp8 operands to fp32 before
 ``tl.dot``, and replaces two casts the interpreter gets wrong (fp32 -> e4m3, fp32 -> bf16)
@@ -66,15 +80,15 @@ branches compile away and the hardware conversions run.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._rowtile import _act_and_grad
-from .experts import ACTIVATIONS, _strides2
+from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_max, _rows
+from .experts import ACTIVATIONS, _strides2, _tiles, col_tile, swap_rows
 from .static_routing import padded_rows_bound, static_route
 
 # The format's constants, for host code (the kernels spell them as literals: the GPU
@@ -107,15 +121,15 @@ def _e4m3_round(y):
 
 
 @triton.jit
-def _quantize(v, INTERPRET: tl.constexpr):
-    """``(q [M, 128], s [M])``: each row of ``v`` (fp32, zeros where a short group ends) is one
-    group, ``s = max(amax, 1e-4) / 448``, ``q = e4m3(v / s)``. Correctly rounded divisions
-    (div_rn): the scale and the quantized values are the definition's bits exactly. On a
-    GPU ``q`` is float8e4nv (cvt.rn.satfinite), under the interpreter fp32 holding e4m3
-    values (see :func:`_e4m3_round`)."""
-    amax = tl.max(tl.abs(v), axis=1)
-    s = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-    y = tl.div_rn(v, s[:, None])
+def _quantize(v, SWAP: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(q, s)``: each row of ``v`` (a rows-by-128 tile of :func:`_grid2`'s orientation, fp32,
+    zeros where a short group ends) is one group, ``s = max(amax, 1e-4) / 448`` per row,
+    ``q = e4m3(v / s)``. Correctly rounded divisions (div_rn): the scale and the quantized
+    values are the definition's bits exactly. On a GPU ``q`` is float8e4nv
+    (cvt.rn.satfinite), under the interpreter fp32 holding e4m3 values (see
+    :func:`_e4m3_round`)."""
+    s = tl.div_rn(tl.maximum(_row_max(tl.abs(v), SWAP), 1e-4), 448.0)
+    y = tl.div_rn(v, _rows(s, SWAP))
     if INTERPRET:
         q = _e4m3_round(y)
     else:
@@ -142,9 +156,10 @@ def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, block_e
                    H, FFN, TOP_K, NUM_EXPERTS,
                    stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_se, stride_sc, stride_sh,
                    stride_be, stride_bc, stride_hr, stride_hc,
-                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   GLU: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    BLOCK_K: tl.constexpr = 128  # one quantization group per K step
+                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+                   INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_K == 128)  # one quantization group per K step
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,42 +170,50 @@ def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, block_e
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
-        tok = tl.where(ok, slots // TOP_K, 0).to(tl.int64)
+        slot = tl.where(ok, slots, 0).to(tl.int64)
+        tok = slot // TOP_K
         n0 = pid_n * BLOCK_N  # BLOCK_N (a power of two <= 128) divides F
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W1's row stride: int64
         offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
-        # W1[e]^T tiles [BLOCK_K, BLOCK_N], K-major when W1 is H-contiguous: gate rows c, up F + c.
-        wg_ptrs = w1_ptr + ex * stride_we + cols[None, :] * stride_wc + offs_k[:, None] * stride_wh
+        # The gather, quantized as it loads: x's rows straight from the tokens, zero rows for padding.
+        x_t, x_k = _grid2(tok, offs_k, SWAP)
+        x_ptrs = x_ptr + x_t * stride_xt + x_k * stride_xh
+        x_ok, _ = _grid2(ok, offs_k, SWAP)
+        # W1[e]^T tiles [BLOCK_K, BLOCK_N] (transposed with SWAP), K-major when W1 is
+        # H-contiguous: gate rows c, up rows F + c.
+        w_k, w_c = _grid2(offs_k, cols, SWAP)
+        wg_ptrs = w1_ptr + ex * stride_we + w_c * stride_wc + w_k * stride_wh
         # The tile's weight-scale row: one 128-row block of W1 for the gate, one for the up.
         sg_ptr = w1s_ptr + ex * stride_se + (n0 // 128) * stride_sc
         su_ptr = w1s_ptr + ex * stride_se + ((FFN + n0) // 128) * stride_sc
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_g = _acc(BLOCK_M, BLOCK_N, SWAP)
+        acc_u = _acc(BLOCK_M, BLOCK_N, SWAP)
+        zero = _acc(BLOCK_M, BLOCK_N, SWAP)
         for k0 in range(0, H, BLOCK_K):
             kg = k0 // BLOCK_K
             k_ok = (k0 + offs_k) < H  # the last group of H may be short: zeros beyond
-            xa = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            q, sx = _quantize(xa, INTERPRET)
-            wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
-            part = _common.dot(q, wg, zero, INTERPRET, "ieee")
-            acc_g += part * (sx * tl.load(sg_ptr + kg * stride_sh))[:, None]
+            xa = tl.load(x_ptrs, mask=x_ok & _cols(k_ok, SWAP), other=0.0).to(tl.float32)
+            q, sx = _quantize(xa, SWAP, INTERPRET)
+            wg = tl.load(wg_ptrs, mask=_rows(k_ok, SWAP), other=0.0)
+            part = _mma(q, wg, zero, SWAP, INTERPRET, INPUT_PRECISION)
+            acc_g += part * _rows(sx * tl.load(sg_ptr + kg * stride_sh), SWAP)
             if GLU:
-                wu = tl.load(wg_ptrs + FFN * stride_wc, mask=k_ok[:, None], other=0.0)
-                part = _common.dot(q, wu, zero, INTERPRET, "ieee")
-                acc_u += part * (sx * tl.load(su_ptr + kg * stride_sh))[:, None]
+                wu = tl.load(wg_ptrs + FFN.to(tl.int64) * stride_wc, mask=_rows(k_ok, SWAP), other=0.0)
+                part = _mma(q, wu, zero, SWAP, INTERPRET, INPUT_PRECISION)
+                acc_u += part * _rows(sx * tl.load(su_ptr + kg * stride_sh), SWAP)
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
         if HAS_BIAS:
             b_ptrs = b1_ptr + ex * stride_be + cols * stride_bc
-            acc_g += tl.load(b_ptrs).to(tl.float32)[None, :]
+            acc_g += _cols(tl.load(b_ptrs).to(tl.float32), SWAP)
             if GLU:
-                acc_u += tl.load(b_ptrs + FFN * stride_bc).to(tl.float32)[None, :]
-        h_ptrs = h_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc
-        tl.store(h_ptrs, _round(acc_g, h_ptr.dtype.element_ty, INTERPRET))
+                acc_u += _cols(tl.load(b_ptrs + FFN * stride_bc).to(tl.float32), SWAP)
+        # By slot, not by padded row: h is [T*k, G*F] and a padding row stores nothing.
+        h_s, h_c = _grid2(slot, cols, SWAP)
+        h_ptrs = h_ptr + h_s * stride_hr + h_c * stride_hc
+        tl.store(h_ptrs, _round(acc_g, h_ptr.dtype.element_ty, INTERPRET), mask=x_ok)
         if GLU:
-            tl.store(h_ptrs + FFN * stride_hc, _round(acc_u, h_ptr.dtype.element_ty, INTERPRET))
+            tl.store(h_ptrs + FFN * stride_hc, _round(acc_u, h_ptr.dtype.element_ty, INTERPRET), mask=x_ok)
 
 
 @triton.jit
@@ -198,10 +221,10 @@ def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_pt
                      N, FFN, TOP_K, NUM_EXPERTS,
                      stride_hr, stride_hc, stride_we, stride_wf, stride_wn, stride_se, stride_sf, stride_sn,
                      stride_be, stride_bn, stride_gt, stride_gj, stride_ys, stride_yn,
-                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
-                     INTERPRET: tl.constexpr):
-    BLOCK_K: tl.constexpr = 128  # one quantization group of F per K step
+                     SWAP: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_K == 128)  # one quantization group of F per K step
     TILES_M: tl.constexpr = BLOCK // BLOCK_M
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -212,133 +235,52 @@ def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_pt
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
+        slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride exceeds int32 on big layers
         n0 = pid_n * BLOCK_N  # BLOCK_N divides 128: the tile lies in one 128-column block of W2
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
-        h_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :] * stride_hc
-        # W2[e] tiles [BLOCK_K, BLOCK_N]; K-major (stride_wf == 1) for the transposed view of
-        # a checkpoint's down_proj, which is what fp8 wgmma reads without a transpose.
-        w_ptrs = w2_ptr + ex * stride_we + offs_k[:, None] * stride_wf + cols[None, :] * stride_wn
+        # h is [T*k, G*F] by slot. A padding row reads slot 0's row (a real row, written by
+        # the up kernel: T*k >= 1 here) rather than a masked zero row: its result is never
+        # stored and quantization is per row, so it touches no real row; and the row mask
+        # spilled the 128-row tiles on sm_90 (24-40 bytes; the loads are [BLOCK_M, 128] twice).
+        a_s, a_k = _grid2(slot, offs_k, SWAP)
+        h_ptrs = h_ptr + a_s * stride_hr + a_k * stride_hc
+        # W2[e] tiles [BLOCK_K, BLOCK_N] (transposed with SWAP); K-major (stride_wf == 1) for
+        # the transposed view of a checkpoint's down_proj, what fp8 wgmma reads as it is.
+        w_k, w_n = _grid2(offs_k, cols, SWAP)
+        w_ptrs = w2_ptr + ex * stride_we + w_k * stride_wf + w_n * stride_wn
         s_ptr = w2s_ptr + ex * stride_se + (n0 // 128) * stride_sn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _acc(BLOCK_M, BLOCK_N, SWAP)
+        zero = _acc(BLOCK_M, BLOCK_N, SWAP)
         for k0 in range(0, FFN, BLOCK_K):
             kg = k0 // BLOCK_K
             k_ok = (k0 + offs_k) < FFN  # F need not be a multiple of 128: a short last group
             # a = act(g) * u (or act(h)) in fp32 from the rounded h; masked columns give
             # act(0) * 0 = 0 (every activation here maps 0 to 0), so they add nothing to amax.
-            g = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            a, _ = _act_and_grad(g, ACT)
+            h_ok = _cols(k_ok, SWAP)
+            g = tl.load(h_ptrs, mask=h_ok, other=0.0).to(tl.float32)
+            a = _act_and_grad(g, ACT)[0]
             if GLU:
-                a = a * tl.load(h_ptrs + FFN * stride_hc, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            q, sa = _quantize(a, INTERPRET)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            part = _common.dot(q, w, zero, INTERPRET, "ieee")
-            acc += part * (sa * tl.load(s_ptr + kg * stride_sf))[:, None]
+                a = a * tl.load(h_ptrs + FFN * stride_hc, mask=h_ok, other=0.0).to(tl.float32)
+            q, sa = _quantize(a, SWAP, INTERPRET)
+            w = tl.load(w_ptrs, mask=_rows(k_ok, SWAP) & _cols(n_ok, SWAP), other=0.0)
+            part = _mma(q, w, zero, SWAP, INTERPRET, INPUT_PRECISION)
+            acc += part * _rows(sa * tl.load(s_ptr + kg * stride_sf), SWAP)
             h_ptrs += BLOCK_K * stride_hc
             w_ptrs += BLOCK_K * stride_wf
         if HAS_BIAS:
-            acc += tl.load(b2_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        slot = tl.where(ok, slots, 0).to(tl.int64)
+            bias = tl.load(b2_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            acc += _cols(bias, SWAP)
         if HAS_WEIGHTS:
             t = slot // TOP_K
             wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
-            acc = acc * wv.to(tl.float32)[:, None]
+            acc = acc * _rows(wv.to(tl.float32), SWAP)
         # The scatter: each real row to its slot (each slot has exactly one row).
-        tl.store(y_ptr + slot[:, None] * stride_ys + cols[None, :] * stride_yn,
-                 _round(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok[:, None] & n_ok[None, :])
-
-
-# -- configs ---------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per target family and kernel; BLOCK_K = 128.
-# BLOCK_M is clipped to b (a row tile never straddles two experts); the up kernel's BLOCK_N
-# to the largest power of two dividing F (a gate tile must not reach into the up rows, and
-# an up tile, at F + a multiple of BLOCK_N, must lie in one 128-row block of W1). Every
-# entry compiles for its target without spills and within its shared memory
-# (tests/test_experts_fp8_compile.py). What limits the tiles is the operand formed in
-# registers: the [BLOCK_M, 128] fp32 tile of x (up) or of g, u and a (down), on top of the
-# accumulators; and shared memory, where the software pipeline keeps num_stages copies of
-# the x or h tiles (16-bit, [BLOCK_M, 128], twice for a GLU) beside the fp8 weight tiles.
-#   sm89: Ada (and consumer Blackwell sm_120): fp8 mma.sync, 99 KiB of shared memory per
-#         block, hence 2 stages for the 128-row down tile; 64x64 up needs 8 warps (4: 24 B
-#         spill), 128x64 up spills 8 B even with 8.
-#   sm90: Hopper: fp8 wgmma (BLOCK_M >= 64; below, Triton 3.9 upcasts the fp8 operands to
-#         f16 exactly and uses mma.sync). 64x128 down spills with 4 warps; 128x64 down with
-#         4 stages is over the 227 KiB.
-#   sm100: datacenter Blackwell: tcgen05 (the accumulator in tensor memory); the 128x128
-#         down tile spills 8 B even with 8 warps, 64x64 down 8 B with 4 warps.
-CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int]]] = {
-    ("sm89", "up"): [(64, 64, 8, 3), (32, 64, 4, 3)],
-    ("sm89", "down"): [(64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3)],
-    ("sm90", "up"): [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 4)],
-    ("sm90", "down"): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 4), (64, 64, 4, 4)],
-    ("sm100", "up"): [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 4)],
-    ("sm100", "down"): [(128, 64, 8, 3), (64, 128, 8, 4), (64, 64, 8, 4), (32, 128, 4, 3)],
-}
-# Under the interpreter: one small config; b = 64 still splits into two row tiles, H = 160
-# into five column tiles, two of them in H's short last group.
-_INTERPRETED = (32, 32, 1, 1)
-
-
-def fp8_family(capability: Tuple[int, int]) -> str:
-    """The config table of a GPU with fp8 tensor cores; ValueError below sm_89."""
-    if tuple(capability) < (8, 9):
-        raise ValueError(f"fp8 experts need fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell); "
-                         f"this GPU is sm_{capability[0]}{capability[1]}")
-    family = _common.target_family(capability)
-    return "sm89" if family == "sm80" else family
-
-
-def up_tile_cap(ffn: int) -> int:
-    """The largest BLOCK_N of the up kernel for ``F``: the largest power of two <= 128 that
-    divides F (F > 0 is a multiple of b >= 16)."""
-    return min(128, ffn & -ffn) if ffn > 0 else 128
-
-
-def fp8_configs(kernel: str, block_size: int, capability: Optional[Tuple[int, int]] = None, *,
-                ffn: int = 0) -> List[Dict[str, int]]:
-    """Configs of ``kernel`` ("up" or "down") for ``capability`` (None: the interpreter's one),
-    clipped to the block size (and, for "up", to :func:`up_tile_cap` of ``ffn``); each
-    ``{BLOCK_M, BLOCK_N, num_warps, num_stages}``."""
-    table = [_INTERPRETED] if capability is None else CONFIGS[(fp8_family(capability), kernel)]
-    out: List[Dict[str, int]] = []
-    seen = set()
-    for bm, bn, warps, stages in table:
-        tile = (min(bm, block_size), min(bn, up_tile_cap(ffn)) if kernel == "up" else bn)
-        if tile in seen:  # clipping makes several entries one tile: keep the first
-            continue
-        seen.add(tile)
-        if tile[0] * tile[1] < bm * bn:  # a clipped tile: 4 warps hold it (8 would idle)
-            warps = min(warps, 4)
-        out.append(dict(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=warps, num_stages=stages))
-    return out
-
-
-_TUNED: Dict[tuple, object] = {}
-
-
-def _runner(kernel, name: str, block_size: int, ffn: int, device: torch.device, key: tuple
-            ) -> Tuple[Callable, Dict[str, int]]:
-    """``(runner, meta)``: the kernel with the interpreter's config, or on a GPU the autotuner
-    over the target's configs, one per (kernel, capability, b, F's tile cap, size buckets),
-    built on first use."""
-    if _common.interpret_flag():  # the kernels run on a GPU or in the interpreter
-        return kernel, fp8_configs(name, block_size, ffn=ffn)[0]
-    capability = torch.cuda.get_device_capability(device)
-    configs = fp8_configs(name, block_size, capability, ffn=ffn)
-    if len(configs) == 1:
-        return kernel, configs[0]
-    cache_key = (kernel, capability, block_size, up_tile_cap(ffn), key)
-    tuned = _TUNED.get(cache_key)
-    if tuned is None:
-        tuned = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                   num_stages=c["num_stages"]) for c in configs],
-            key=[],
-        )(kernel)
-        _TUNED[cache_key] = tuned
-    return tuned, {}
+        y_s, y_n = _grid2(slot, cols, SWAP)
+        ok_s, ok_n = _grid2(ok, n_ok, SWAP)
+        tl.store(y_ptr + y_s * stride_ys + y_n * stride_yn, _round(acc, y_ptr.dtype.element_ty, INTERPRET),
+                 mask=ok_s & ok_n)
 
 
 # -- the launcher ----------------------------------------------------------------------------
@@ -385,8 +327,8 @@ def _check(x, expert_indices, weights, w1, w1_scale, w2, w2_scale, b1, b2, num_e
             raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
     if ffn % block_size:
         raise ValueError(f"{op}: F = {ffn} must be a multiple of block_size {block_size}")
-    if not _common.interpret_flag():  # on a GPU
-        fp8_family(torch.cuda.get_device_capability(x.device))  # ValueError below sm_89
+    if not _common.interpret_flag():  # on a GPU: a ValueError below sm_89 (no fp8 tensor cores)
+        _common.config_family(torch.cuda.get_device_capability(x.device), "fp8")
     p_max = padded_rows_bound(tokens, top_k, num_experts, block_size)
     return tokens, top_k, hidden, ffn, groups, p_max, ACTIVATIONS.index(act)
 
@@ -408,29 +350,31 @@ def experts_forward_fp8(x: torch.Tensor, expert_indices: torch.Tensor, weights: 
     if tokens == 0 or hidden_size == 0:
         return out.zero_()
     row_slots, block_expert, _, _ = static_route(expert_indices, num_experts, block_size)
-    hidden = _new((p_max, groups * ffn), dtype, device)
+    hidden = _new((tokens * top_k, groups * ffn), dtype, device)  # by slot: no padding row
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
-    key = (_common.bucket(tokens * top_k), _common.bucket(hidden_size), _common.bucket(ffn))
-    interpret = _common.interpret_flag()
+    slots, swap, fp8 = tokens * top_k, swap_rows(block_size), torch.float8_e4m3fn
+    form = "glu" if glu else "plain"
     if ffn > 0:
-        runner, meta = _runner(_up_fp8_kernel, "up", block_size, ffn, device, ("up", glu) + key)
+        # Row tiles divide b; column tiles divide col_tile(F) (see the module docstring).
         _common.launch(
-            runner, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
+            _up_fp8_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
             x, w1, w1_scale, b1 if b1 is not None else w1_scale, hidden, row_slots, block_expert,
             hidden_size, ffn, top_k, num_experts,
             x.stride(0), x.stride(1), *_strides3(w1), *_strides3(w1_scale), *_strides2(b1),
             hidden.stride(0), hidden.stride(1),
-            device=device, BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, INTERPRET=interpret, **meta)
-    runner, meta = _runner(_down_fp8_kernel, "down", block_size, ffn, device, ("down", glu) + key)
+            device=device, tiles=_tiles(f"up-fp8-{form}", fp8, block_size, (block_size, col_tile(ffn), GROUP),
+                                        slots, hidden_size, ffn),
+            BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, SWAP=swap)
     _common.launch(
-        runner, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
+        _down_fp8_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
         hidden, w2, w2_scale, b2 if b2 is not None else w2_scale, gw, y, row_slots, block_expert,
         hidden_size, ffn, top_k, num_experts,
         hidden.stride(0), hidden.stride(1), *_strides3(w2), *_strides3(w2_scale), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
-        device=device, BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT=code,
-        GLU=glu, INTERPRET=interpret, **meta)
+        device=device, tiles=_tiles(f"down-fp8-{form}", fp8, block_size, (block_size, GROUP, GROUP), slots,
+                                    hidden_size, ffn),
+        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT=code, GLU=glu, SWAP=swap)
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
