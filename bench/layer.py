@@ -14,6 +14,31 @@ what users would otherwise pick, in the same run on the same weights, routing an
     torch._grouped_mm      (GPU) a minimal sort -> grouped_mm -> GLU -> grouped_mm -> unsort
     liger / megablocks / scattermoe   (GPU) when installed; otherwise a row that says why
 
+FP8 rows (issue 19; inference: fp8 expert weights serve forward only, so these rows have a
+forward time and no forward+backward):
+
+    blocksparse_moe fp8    ``expert_mlp(..., w1_scale=, w2_scale=)`` on the same module's weights
+                           quantized to the package's format (e4m3, one fp32 scale per 128x128
+                           block, ``bench/common.quantize_experts_fp8``; activations quantized per
+                           1x128 group inside the path). On a CPU: the CPU path (quantize,
+                           dequantize, fp32 GEMMs), not fp8 hardware.
+    torch._scaled_grouped_mm   (GPU, sm_90+) torch's fp8 grouped GEMM with fp32 RowWise scales (a
+                           coarser format, the same bytes: a speed reference), sort -> pad each
+                           expert to 16 rows -> quantize -> 2 grouped GEMMs -> unsort
+    torch scaled_grouped_mm 128x128   torch asked for THIS format (BlockWise1x128 activations,
+                           BlockWise128x128 weights); a row that says why when torch rejects it
+
+Their forward is compared with our bf16 (or fp32) forward in the same run (``fwd x ours``:
+our unquantized forward time / theirs, >1 = faster). Device-free columns for our two rows:
+``weights MB``, the expert weights the forward reads once (every expert the routing hits:
+2 bytes per element in bf16, 1 byte plus a 4-byte scale per 128x128 block in fp8), and
+``alloc MB / floor``, the bytes a forward of the GPU (Triton) path allocates, counted with
+``blocksparse_moe.serving.serving_costs`` (kernels interpreted on CPU tensors, products
+counted not run, x in bf16, a uniform top-k routing of the same shape) against the floor
+``(T*k*(2F+H) + T*H) * 2`` bytes; by default on a CPU run (a subprocess with
+``TRITON_INTERPRET=1``, ``--triton-costs``), off on a GPU, where the rows' ``fresh MB`` of a
+forward is the Triton path's own.
+
 Experts only: the router is not timed (its top-k ids and fp32 weights are inputs). Weights
 are a transformers ``MixtralExperts`` module's (``gate_up_proj [E, 2F, H]``, ``down_proj
 [E, H, F]``); blocksparse_moe reads the same tensors in place (``w2 = down_proj^T`` view).
@@ -32,16 +57,19 @@ tokens); its status says so.
 
 Writes ``layer-<device>[-<dtype>].json``, ``.md`` and ``.png`` under ``--out-dir`` (bench/results).
 
-    python bench/layer.py [--quick] [--dtype bf16] [--shapes mixtral ...] [--out-dir DIR]
+    python bench/layer.py [--quick] [--dtype bf16] [--shapes mixtral ...] [--out-dir DIR] [--no-triton-costs]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
@@ -53,13 +81,33 @@ try:  # the installed package (with its built _C) if there is one, else this che
     import blocksparse_moe  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
-from common import check_out_dir, machine_name, write_results  # noqa: E402
+
+def _import_transformers_off_this_folder() -> None:
+    """This folder's kernels.py shadows the ``kernels`` package transformers probes for (its hub
+    kernels then fail to import, and every transformers MoE model with them): import the
+    transformers modules this script uses with this folder off ``sys.path``; later imports
+    reuse them. ``sys.path`` is restored as it was (a test that put this folder first pops it)."""
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    try:
+        import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+    except ImportError:  # no transformers: its rows say so
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_transformers_off_this_folder()
+sys.path.insert(0, _HERE)
+
+from common import (SCALED_GROUPED_MM_FORMAT, check_out_dir, expert_weight_bytes, machine_name,  # noqa: E402
+                    quantize_experts_fp8, scaled_grouped_mm_peer, write_results)
 
 from blocksparse_moe import backend  # noqa: E402
 from blocksparse_moe.__main__ import LayerShape, check_device, device_label, peak_memory  # noqa: E402
-from blocksparse_moe.costs import measure_step  # noqa: E402
+from blocksparse_moe.costs import count_host_reads, measure_step  # noqa: E402
 from blocksparse_moe.timing import synchronize, time_ms, time_rounds  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -114,6 +162,13 @@ class Case:
     @property
     def params(self) -> List[torch.Tensor]:
         return list(self.module.parameters())
+
+    def fp8_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w1, w1_scale, w2, w2_scale)``: the module's experts in the fp8 format (made once)."""
+        if getattr(self, "_fp8", None) is None:
+            with torch.no_grad():
+                self._fp8 = quantize_experts_fp8(self.module.gate_up_proj, self.module.down_proj)
+        return self._fp8
 
     def smaller(self, tokens: int) -> "Case":
         return Case(replace(self.shape, tokens=tokens), self.dtype, self.device)
@@ -236,6 +291,30 @@ def _torch_grouped_mm(case: Case) -> Callable:
     return forward
 
 
+def _forward_only(fn: Callable) -> Callable:
+    """Mark an implementation as inference only (fp8 expert weights): timed forward, no step."""
+    fn.forward_only = True
+    return fn
+
+
+def _blocksparse_fp8(case: Case) -> Callable:
+    from blocksparse_moe import expert_mlp
+
+    w1, s1, w2, s2 = case.fp8_weights()
+    return _forward_only(lambda x, w: expert_mlp(x, case.expert_indices, w, w1, w2, block_size=case.shape.block_size,
+                                                 check_indices=False, w1_scale=s1, w2_scale=s2))
+
+
+def _scaled_grouped(recipe: str) -> Callable[[Case], Callable]:
+    def make(case: Case) -> Callable:
+        if not case.shape.glu or case.shape.activation != "silu":
+            raise RuntimeError("the torch fp8 peer is written for SiLU GLU experts")
+        fn = scaled_grouped_mm_peer(case.module.gate_up_proj.detach(), case.module.down_proj.detach(),
+                                    case.shape.top_k, recipe, case.fp8_weights() if recipe == "128x128" else None)
+        return _forward_only(lambda x, w: fn(x, case.expert_indices, w))
+    return make
+
+
 def _gpu_peer(module: str) -> Callable[[Case], Callable]:
     def make(case: Case) -> Callable:
         import importlib
@@ -269,7 +348,13 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case], Callable]] = {
     "liger": _gpu_peer("liger_kernel"),
     "megablocks": _gpu_peer("megablocks"),
     "scattermoe": _gpu_peer("scattermoe"),
+    "blocksparse_moe fp8": _blocksparse_fp8,
+    "torch._scaled_grouped_mm": _scaled_grouped("rowwise"),
+    "torch scaled_grouped_mm 128x128": _scaled_grouped("128x128"),
 }
+#: The inference-only (fp8) rows and the format each reads its weights in (for ``weights MB``).
+FP8_IMPLS = {"blocksparse_moe fp8": "128x128", "torch._scaled_grouped_mm": "rowwise",
+             "torch scaled_grouped_mm 128x128": "128x128"}
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -280,6 +365,9 @@ def _steps(case: Case, forward: Callable) -> Tuple[Callable, Callable]:
     def fwd():
         with torch.no_grad():
             forward(case.x, case.weights)
+
+    if getattr(forward, "forward_only", False):
+        return fwd, None
 
     def step():
         for p in params:
@@ -308,7 +396,8 @@ class _Timed:
     def __init__(self, row: Dict, case: Case, forward: Callable, scale: float):
         self.row, self.case, self.forward, self.scale = row, case, forward, scale
         self.fwd, self.step = _steps(case, forward)
-        self.times: Dict[str, List[float]] = {"fwd": [], "step": []}
+        self.kinds = ("fwd",) if self.step is None else ("fwd", "step")  # forward only: fp8 inference
+        self.times: Dict[str, List[float]] = {k: [] for k in self.kinds}
         self.group = -1  # implementations timed in the same rounds share a group
         self.probe_ms = 0.0
 
@@ -324,7 +413,8 @@ def prepare(name: str, case: Case, budget_s: float) -> Tuple[Dict, Optional[_Tim
             probe_tokens = max(s.tokens // 8, 1)
             probe = case.smaller(probe_tokens)
             probe_forward = IMPLEMENTATIONS[name](probe)
-            one = time_ms(_steps(probe, probe_forward)[1], case.device, min_runs=1, max_runs=1, budget_s=0.0)
+            probe_fwd, probe_step = _steps(probe, probe_forward)
+            one = time_ms(probe_step or probe_fwd, case.device, min_runs=1, max_runs=1, budget_s=0.0)
             if one * 8 > budget_s * 1e3:  # the probe was its warm-up
                 timed = _Timed(row, probe, probe_forward, s.tokens / probe_tokens)
                 timed.probe_ms = one
@@ -345,16 +435,18 @@ def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
     others and leave the caches and the allocator to them in its state."""
     if device.type == "cuda":
         for t in timed:
-            t.times = {k: [time_ms(getattr(t, k), device)] for k in ("fwd", "step")}
+            t.times = {k: [time_ms(getattr(t, k), device)] for k in t.kinds}
         return
     warm = {}  # one step's time on the full batch (a scaled one: its probe's, scaled)
     for t in timed:
         if t.scale != 1.0:
             warm[id(t)] = t.probe_ms * t.scale
-            t.times = {"fwd": [_once(t.fwd)], "step": [_once(t.step)]}
+            t.times = {k: [_once(getattr(t, k))] for k in t.kinds}
             continue
         t.fwd()
-        warm[id(t)] = _once(t.step)
+        # A forward-only row stands in with 3 forwards (a step is ~3x a forward's FLOPs), so it
+        # is grouped with the steps it would take as long as.
+        warm[id(t)] = _once(t.step) if t.step is not None else 3 * _once(t.fwd)
     fastest = min(warm.values(), default=0.0)
     rest = [t for t in timed if t.scale == 1.0]
     together = [t for t in rest if warm[id(t)] <= 3 * fastest]
@@ -363,11 +455,11 @@ def _time_all(timed: List[_Timed], device: torch.device, timing: Dict) -> None:
             t.group = i
         # A step over 5 s (half-precision GEMMs in software): 3 runs say enough.
         least = min(timing["min_runs"], 3) if min(warm[id(t)] for t in group) > 5e3 else timing["min_runs"]
-        runs = time_rounds({(j, k): getattr(t, k) for j, t in enumerate(group) for k in ("fwd", "step")}, device,
+        runs = time_rounds({(j, k): getattr(t, k) for j, t in enumerate(group) for k in t.kinds}, device,
                            min_runs=least, max_runs=max(timing["max_runs"], least),
                            budget_s=timing["budget_s"] * len(group), warmup=False)
         for j, t in enumerate(group):
-            t.times = {k: runs[(j, k)] for k in ("fwd", "step")}
+            t.times = {k: runs[(j, k)] for k in t.kinds}
 
 
 def _once(fn: Callable) -> float:
@@ -376,10 +468,29 @@ def _once(fn: Callable) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _forward_costs(case: Case, forward: Callable) -> Dict:
+    """One inference forward: bytes of new storages and host reads (no backward to count)."""
+    with torch.no_grad(), count_host_reads() as c:
+        forward(case.x, case.weights)
+    return dict(fresh_bytes_per_token=c.fresh_bytes / case.shape.tokens, host_syncs=c.host_reads)
+
+
 def _finish(t: _Timed) -> None:
     s, row = t.case.shape, t.row
     full = replace(s, tokens=round(s.tokens * t.scale))
     fwd_ms = statistics.median(t.times["fwd"]) * t.scale
+    if t.step is None:  # forward only (fp8 inference)
+        try:
+            row.update(_forward_costs(t.case, t.forward))
+            if t.case.device.type == "cuda":
+                row["peak_gib"] = peak_memory(t.case.device, t.fwd)
+        except Exception as exc:  # noqa: BLE001
+            row.update(status=f"failed: {type(exc).__name__}: {exc}"[:200])
+            return
+        row.update(status="ok, forward only" if t.scale == 1.0 else f"ok, forward only, timed on T={s.tokens}, "
+                   f"x{t.scale:g}", forward_ms=fwd_ms, runs=len(t.times["fwd"]),
+                   forward_tflops=full.useful_flops(False) / fwd_ms / 1e9)
+        return
     step_ms = statistics.median(t.times["step"]) * t.scale
     try:
         row.update(_costs(t.case, t.forward))
@@ -430,13 +541,98 @@ def bench_shape(shape: LayerShape, dtype: torch.dtype, device: torch.device, tim
                 if base_t.group == t.group >= 0 and t.scale == 1.0:  # the same rounds: their spread
                     per_round = [b / m for b, m in zip(base_t.times["step"], t.times["step"])]
                     r[key + "_rounds"] = [min(per_round), statistics.median(per_round), max(per_round)]
+            elif base and "forward_ms" in r:  # a forward-only (fp8) row: forward ratios only
+                r["fwd_" + key] = base["forward_ms"] / r["forward_ms"]
+    # Every row's forward against our unquantized forward (what fp8 must beat), and the weight
+    # bytes our two rows and the fp8 peers read once (device-free: the experts the routing hits).
+    ours = next((r for r in rows if r["impl"] == "blocksparse_moe" and "forward_ms" in r), None)
+    hit = int(torch.unique(case.expert_indices).numel())
+    s = shape
+    for r in rows:
+        if ours and "forward_ms" in r:
+            r["fwd_vs_ours"] = ours["forward_ms"] / r["forward_ms"]
+        fmt = FP8_IMPLS.get(r["impl"])
+        if fmt == "128x128":
+            r["weight_bytes"] = expert_weight_bytes(hit, s.hidden, s.ffn, glu=s.glu, fp8=True)
+        elif fmt == "rowwise":  # 1 byte per element and a 4-byte scale per output row of each weight
+            r["weight_bytes"] = hit * ((3 if s.glu else 2) * s.ffn * s.hidden + 4 * ((2 if s.glu else 1) * s.ffn
+                                                                                    + s.hidden))
+        elif r["impl"] == "blocksparse_moe":
+            r["weight_bytes"] = expert_weight_bytes(hit, s.hidden, s.ffn, glu=s.glu, dtype_bytes=dtype.itemsize)
+        if fmt or r["impl"] == "blocksparse_moe":
+            r["experts_hit"] = hit
     return rows
+
+
+# -- device-free: what a forward of the Triton path allocates (interpreter) --------------------
+
+def triton_costs(shapes: List[LayerShape]) -> List[Dict]:
+    """Per shape, one inference forward of the Triton path, bf16 and fp8 weights, counted with
+    ``serving_costs`` (needs ``TRITON_INTERPRET=1``): products counted not run, zero-stride
+    weights, x in bf16, a uniform top-k routing of the shape. Rows keyed by (shape, impl)."""
+    from blocksparse_moe import expert_mlp
+    from blocksparse_moe.fp8 import scale_shape
+    from blocksparse_moe.serving import floor_bytes, serving_costs
+
+    rows = []
+    for s in shapes:
+        t, h, f, e, k, g = s.tokens, s.hidden, s.ffn, s.experts, s.top_k, 2 if s.glu else 1
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.rand(t, e, generator=gen).topk(k, dim=-1).indices
+        weights = torch.softmax(torch.randn(t, k, generator=gen), -1)
+        x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+        dense = {"w1": torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(e, g * f, h),
+                 "w2": torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(e, f, h)}
+        fp8 = {"w1": torch.empty(1, 1, 1, dtype=torch.float8_e4m3fn).expand(e, g * f, h),
+               "w2": torch.empty(1, 1, 1, dtype=torch.float8_e4m3fn).expand(e, f, h),
+               "w1_scale": torch.empty(1, 1, 1).expand(*scale_shape(e, g * f, h)),
+               "w2_scale": torch.empty(1, 1, 1).expand(*scale_shape(e, f, h))}
+        for impl, kw in (("blocksparse_moe", dense), ("blocksparse_moe fp8", fp8)):
+            def fn(kw=kw):
+                with torch.no_grad():
+                    expert_mlp(x, ids, weights, activation=s.activation, glu=s.glu, block_size=s.block_size,
+                               check_indices=False, **kw)
+            row = dict(shape=s.name, impl=impl, triton_floor_bytes=floor_bytes(t, k, h, f, g, 2))
+            t0 = time.perf_counter()
+            try:
+                c = serving_costs(fn, (9, 0), run_products=False)
+                row.update(triton_fwd_bytes=c.fresh_bytes, triton_launches=c.launches, triton_host_reads=c.host_reads,
+                           triton_ctas_launched=c.ctas_launched, triton_ctas_real=c.ctas_real)
+            except Exception as exc:  # noqa: BLE001 - a young kernel file: a note, not a lost run
+                row["triton_costs_status"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print(f"  triton costs {s.name} {impl}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def device_free(shapes: List[LayerShape]) -> Tuple[List[Dict], str]:
+    """``(rows, note)``: :func:`triton_costs` here when the interpreter is on, else in a subprocess
+    with ``TRITON_INTERPRET=1`` (the shapes travel as JSON: a caller's shapes need not be this
+    module's tables)."""
+    if backend.interpreter_enabled():
+        return triton_costs(shapes), ""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    spec = json.dumps([dict(name=s.name, tokens=s.tokens, hidden=s.hidden, ffn=s.ffn, experts=s.experts,
+                            top_k=s.top_k, block_size=s.block_size, glu=s.glu, activation=s.activation)
+                       for s in shapes])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--costs-json", path, "--costs-shapes", spec],
+                              env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            return [], f"device-free columns failed (exit {proc.returncode}): see stderr"
+        with open(path) as f:
+            return json.load(f), ""
+    finally:
+        os.unlink(path)
 
 
 # -- output -------------------------------------------------------------------------------------
 
 HEADER = ("shape", "dtype", "impl", "fwd ms", "fwd+bwd ms", "TFLOP/s", "x grouped_mm", "x ceiling",
-          "kept B/token", "syncs", "fresh MB", "peak GiB", "status")
+          "kept B/token", "syncs", "fresh MB", "peak GiB", "fwd TFLOP/s", "fwd x ours", "weights MB",
+          "GPU fwd alloc MB / floor", "status")
 
 
 def _cells(r: Dict) -> Tuple[str, ...]:
@@ -445,10 +641,16 @@ def _cells(r: Dict) -> Tuple[str, ...]:
         return "-" if v is None else format(v * scale, spec)
     fresh = r.get("fresh_bytes_per_token")
     fresh_mb = None if fresh is None else fresh * r.get("tokens", 1)
+    alloc = (f"{r['triton_fwd_bytes'] / 2**20:,.1f} / {r['triton_floor_bytes'] / 2**20:,.1f}"
+             if r.get("triton_fwd_bytes") is not None else "-")
     return (r["shape"], r["dtype"], r["impl"], f("forward_ms", ".1f"), f("step_ms", ".1f"), f("step_tflops", ".3f"),
             f("vs_grouped_mm", ".2f"), f("vs_ceiling", ".2f"), f("kept_bytes_per_token", ",.0f"),
             f("host_syncs", ".0f"), "-" if fresh_mb is None else f"{fresh_mb / 2**20:,.0f}",
-            f("peak_gib", ".2f"), r["status"])
+            f("peak_gib", ".2f"), f("forward_tflops", ".3f"), f("fwd_vs_ours", ".2f"), f("weight_bytes", ",.1f", 1e-6),
+            alloc, r["status"])
+
+
+CPU_FP8_NOTE = "; on a CPU the CPU path: quantize, dequantize, fp32 GEMMs, not fp8 hardware"
 
 
 def _markdown(rows: List[Dict], meta: Dict) -> str:
@@ -462,6 +664,20 @@ def _markdown(rows: List[Dict], meta: Dict) -> str:
              "of device data per step; fresh MB: bytes of new tensors in one step. `gemm floor`: the "
              "per-expert GEMMs alone on pre-sorted rows (what a one-GEMM-per-expert design spends before "
              "any routing work).", "",
+             "FP8 rows (issue 19, inference: forward only, so no fwd+bwd, kept bytes or step ratios; syncs and "
+             "fresh MB are one forward's): `blocksparse_moe fp8` = our path with the module's experts quantized "
+             "to e4m3 with one fp32 scale per 128x128 block (activations per 1x128 group inside the path"
+             f"{CPU_FP8_NOTE if meta['device'].startswith('cpu') else ''}); "
+             "`torch._scaled_grouped_mm` = torch's fp8 grouped GEMM with fp32 RowWise scales (a coarser "
+             "format, the same bytes; GPU sm_90+); `torch scaled_grouped_mm 128x128` = torch asked for this "
+             f"format ({SCALED_GROUPED_MM_FORMAT}). `fwd TFLOP/s`: useful forward FLOPs (GLU 6*T*k*H*F); "
+             "`fwd x ours`: our unquantized forward's time / this row's (>1 = faster). Device-free: `weights "
+             "MB` = the expert weights a forward reads once (the experts the routing hits; fp8: 1 byte per "
+             "element + 4 bytes per 128x128 block scale); `GPU fwd alloc MB / floor` = bytes one inference "
+             "forward of the Triton path allocates (blocksparse_moe.serving, kernels interpreted on CPU "
+             "tensors, products counted not run, x in bf16, a uniform top-k routing) vs the floor "
+             "(T*k*(2F+H) + T*H) bf16 elements. "
+             f"{meta.get('triton_costs_note', '')}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     configs = {}
     for r in rows:
@@ -477,6 +693,8 @@ def _markdown(rows: List[Dict], meta: Dict) -> str:
                      if r.get(key) and not (key == "vs_grouped_mm_rounds" and r["impl"] == "hf-grouped_mm")
                      for lo, mid, hi in [r[key]]]
             lines.append(f"- {r['shape']} {r['impl']}: " + "; ".join(parts))
+    if meta.get("impls") and set(meta["impls"]) != set(IMPLEMENTATIONS):
+        lines += ["", "Implementations run (--impls): " + ", ".join(meta["impls"]) + "."]
     lines += ["", "Shapes:"] + [f"- `{k}`: {v}" for k, v in configs.items()]
     return "\n".join(lines) + "\n"
 
@@ -492,8 +710,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "timed on fewer tokens and scaled (CPU)")
     p.add_argument("--runs", type=int, default=None, help="timing rounds (default: at least 11, up to 30 "
                    "while each implementation has had under 2 s)")
+    p.add_argument("--triton-costs", action=argparse.BooleanOptionalAction, default=None,
+                   help="the device-free allocation of a Triton forward (bf16 and fp8), in an interpreter "
+                        "subprocess (default: on for a CPU run, off on CUDA)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--costs-json", default=None, help=argparse.SUPPRESS)  # the subprocess of device_free()
+    p.add_argument("--costs-shapes", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.costs_json:
+        if not backend.interpreter_enabled():
+            p.error("--costs-json needs TRITON_INTERPRET=1")
+        with open(args.costs_json, "w") as f:
+            json.dump(triton_costs([LayerShape(**d) for d in json.loads(args.costs_shapes)]), f)
+        return 0
     device = check_device(p, args.device)
     check_out_dir(p, args.out_dir)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -522,6 +751,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in bench_shape(shape, dtype, device, timing, args.budget, args.impls):
                 r["tokens"] = shape.tokens
                 rows.append(r)
+    triton_note = "Not counted (--no-triton-costs; off by default on CUDA: a CPU run counts them)."
+    if args.triton_costs if args.triton_costs is not None else device.type == "cpu":
+        print("device-free columns (Triton forward, interpreter) ...", file=sys.stderr, flush=True)
+        free, triton_note = device_free(shapes)
+        by_key = {(c["shape"], c["impl"]): c for c in free}
+        for r in rows:
+            extra = {k: v for k, v in by_key.get((r["shape"], r["impl"]), {}).items() if k not in ("shape", "impl")}
+            r.update(extra)
+        failed = sorted({c["triton_costs_status"] for c in free if c.get("triton_costs_status")})
+        triton_note = triton_note or ("; ".join(failed) if failed else "")
 
     widths = [max(len(HEADER[i]), *(len(_cells(r)[i]) for r in rows)) for i in range(len(HEADER))]
     print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)))
@@ -532,7 +771,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = dict(device=label, machine=machine_name(device), torch=torch.__version__,
                 transformers=transformers.__version__, quick=bool(args.quick), dtype=dt,
                 threads=torch.get_num_threads(), load_start=load_start,
-                load_end=", ".join(f"{v:.1f}" for v in os.getloadavg()))
+                load_end=", ".join(f"{v:.1f}" for v in os.getloadavg()), triton_costs_note=triton_note,
+                impls=args.impls or list(IMPLEMENTATIONS))
     plot = dict(value="step_tflops", label="forward+backward useful TFLOP/s", group="shape", series="impl",
                 title=f"experts fwd+bwd, {dt}: {meta['machine']} (load average {load_start.split(',')[0]})")
     write_results(args.out_dir, f"layer-{label}-{dt}", meta, rows, _markdown(rows, meta), plot=plot)

@@ -267,3 +267,35 @@ def test_decode_ctas_launched_within_twice_the_real(layer, tokens):
 def test_decode_bytes_within_four_floors_and_a_mib(layer, tokens):
     costs, floor = _real_size_costs(layer, tokens)
     assert costs.fresh_bytes <= 4 * floor + 2**20, f"{costs.fresh_bytes / 2**20:.2f} MiB, floor {floor / 2**20:.3f} MiB"
+
+
+def test_decode_bench_fp8_device_free_columns():
+    """bench/decode.py's fp8 rows (issue 19) on a tiny layer with partial 128-blocks (H = 160:
+    2 blocks, the last of 32; 2F = 192: 2 blocks; F = 96: 1 block): the weight bytes follow the
+    format's definition (1 byte per element + a 4-byte scale per 128x128 block, vs bf16's 2
+    bytes, for the experts the routing hits) and the fp8 forward's serving costs are counted."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "decode.py")
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test", path)
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    hidden, ffn, experts, top_k, tokens = 160, 96, 8, 2, 3
+    (row,) = decode.costs_rows(["tiny"], [tokens], torch.bfloat16, fp8=True,
+                               specs={"tiny": (hidden, ffn, experts, top_k)})
+    ids, _ = decode._routing(tokens, experts, top_k, seed=tokens)
+    hit = len(set(ids.reshape(-1).tolist()))
+    assert row["experts_hit"] == hit and 1 <= hit <= tokens * top_k
+    elements = 3 * ffn * hidden  # w1 [2F, H] and w2 [F, H]
+    scales = 2 * 2 + 1 * 2  # ceil(192/128)*ceil(160/128) + ceil(96/128)*ceil(160/128)
+    assert row["weight_bytes_bf16"] == hit * elements * 2
+    assert row["weight_bytes_fp8"] == hit * (elements + 4 * scales) == row["weight_bytes_bf16"] // 2 + hit * 4 * scales
+    assert "fp8 costs status" not in row, row.get("fp8 costs status")
+    assert row["fp8 host_reads"] == 0
+    assert row["fp8 triton_launches"] >= 2  # at least the two fp8 products
+    assert 0 < row["fp8 ctas_real"] <= row["fp8 ctas_launched"]
+    assert any("fp8" in d for d in row["fp8 launch_detail"]), row["fp8 launch_detail"]
+    floor = floor_bytes(tokens, top_k, hidden, ffn, 2, 2)
+    assert row["fp8 floor_bytes"] == floor
+    assert 0 < row["fp8 fresh_bytes"] <= 4 * floor + 2**20
