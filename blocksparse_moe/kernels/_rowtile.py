@@ -109,3 +109,12 @@ def _row_max(v, SWAP: tl.constexpr):
         return tl.max(v, axis=0)
     else:
         return tl.max(v, axis=1)
+
+
+@triton.jit
+def _tokens(slots, ok, TOP_K):
+    """``(slot, token)`` of a tile's rows, int64 for the address products (0 on padding rows).
+    The division runs on the int32 slots (< T*k <= int32 max): a 64-bit division by a runtime
+    value is a ptxas subroutine that costs registers (spills under Triton 3.6)."""
+    s = tl.where(ok, slots, 0)
+    return s.to(tl.int64), (s // TOP_K).to(tl.int64)

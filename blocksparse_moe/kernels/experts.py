@@ -117,7 +117,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_sum, _rows
+from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_sum, _rows, _tokens
 from .static_routing import padded_rows_bound, static_route
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -153,15 +153,6 @@ def _tile_ids(GROUP: tl.constexpr):
     """This CTA's ``(row tile, column tile)`` of a 2-D (rows, columns) grid, grouped."""
     n_rows = tl.num_programs(0)
     return _grouped(tl.program_id(1) * n_rows + tl.program_id(0), n_rows, tl.num_programs(1), GROUP)
-
-
-@triton.jit
-def _tokens(slots, ok, TOP_K):
-    """``(slot, token)`` of a tile's rows, int64 for the address products (0 on padding rows).
-    The division runs on the int32 slots (< T*k <= int32 max): a 64-bit division by a runtime
-    value is a ptxas subroutine that costs registers (spills under Triton 3.6)."""
-    s = tl.where(ok, slots, 0)
-    return s.to(tl.int64), (s // TOP_K).to(tl.int64)
 
 
 @triton.jit

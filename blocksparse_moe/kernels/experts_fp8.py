@@ -87,7 +87,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_max, _rows
+from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_max, _rows, _tokens
 from .experts import ACTIVATIONS, _strides2, _tiles, col_tile, swap_rows
 from .static_routing import padded_rows_bound, static_route
 
@@ -170,8 +170,7 @@ def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, block_e
         rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
-        slot = tl.where(ok, slots, 0).to(tl.int64)
-        tok = slot // TOP_K
+        slot, tok = _tokens(slots, ok, TOP_K)
         n0 = pid_n * BLOCK_N  # BLOCK_N (a power of two <= 128) divides F
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # times W1's row stride: int64
         offs_k = tl.arange(0, BLOCK_K)
@@ -273,7 +272,7 @@ def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_pt
             bias = tl.load(b2_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             acc += _cols(bias, SWAP)
         if HAS_WEIGHTS:
-            t = slot // TOP_K
+            t = (tl.where(ok, slots, 0) // TOP_K).to(tl.int64)  # a 32-bit division (see _tokens)
             wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
             acc = acc * _rows(wv.to(tl.float32), SWAP)
         # The scatter: each real row to its slot (each slot has exactly one row).
