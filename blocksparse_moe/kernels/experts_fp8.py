@@ -272,7 +272,7 @@ def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_pt
             bias = tl.load(b2_ptr + ex * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             acc += _cols(bias, SWAP)
         if HAS_WEIGHTS:
-            t = (tl.where(ok, slots, 0) // TOP_K).to(tl.int64)  # a 32-bit division (see _tokens)
+            t = slot // TOP_K
             wv = tl.load(gw_ptr + t * stride_gt + (slot - t * TOP_K) * stride_gj, mask=ok, other=0.0)
             acc = acc * _rows(wv.to(tl.float32), SWAP)
         # The scatter: each real row to its slot (each slot has exactly one row).
