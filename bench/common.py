@@ -9,7 +9,10 @@ import json
 import math
 import os
 import platform
-from typing import Dict, List, Optional
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -235,3 +238,21 @@ def _grouped_fp8_forward(gate_up: torch.Tensor, down: torch.Tensor, top_k: int, 
         out = torch.empty_like(y).index_copy_(0, order, y)
         return out.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     return forward
+
+
+def interpreted_rows(script: str, args: Sequence[str]) -> Tuple[List[Dict], str]:
+    """``(rows, note)``: run ``script --costs-json PATH *args`` in a subprocess with Triton's
+    interpreter on (the device-free columns, on any machine: the launchers run on CPU tensors)
+    and read the rows it wrote to PATH; ``note`` says why when it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--costs-json", path, *args], env=env,
+                              stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            return [], f"device-free columns failed (exit {proc.returncode}): see stderr"
+        with open(path) as f:
+            return json.load(f), ""
+    finally:
+        os.unlink(path)

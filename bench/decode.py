@@ -66,9 +66,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -83,8 +81,8 @@ except ImportError:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
-from common import (SCALED_GROUPED_MM_FORMAT, check_out_dir, expert_weight_bytes, machine_name,  # noqa: E402
-                    quantize_experts_fp8, scaled_grouped_mm_peer, write_results)
+from common import (SCALED_GROUPED_MM_FORMAT, check_out_dir, expert_weight_bytes, interpreted_rows,  # noqa: E402
+                    machine_name, quantize_experts_fp8, scaled_grouped_mm_peer, write_results)
 
 from blocksparse_moe import backend  # noqa: E402
 from blocksparse_moe.__main__ import check_device, device_label  # noqa: E402
@@ -197,19 +195,8 @@ def costs_rows(layers: Sequence[str], tokens: Sequence[int], dtype: torch.dtype,
 def device_free(layers: Sequence[str], tokens: Sequence[int], dtype_name: str,
                 fp8: bool = True) -> Tuple[List[Dict], str]:
     """``(rows, note)``: :func:`costs_rows` in a subprocess with the interpreter on."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, os.path.abspath(__file__), "--costs-json", path, "--dtype", dtype_name,
-           "--layers", *layers, "--tokens", *map(str, tokens), "--fp8" if fp8 else "--no-fp8"]
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            return [], f"device-free columns failed (exit {proc.returncode}): see stderr"
-        with open(path) as f:
-            return json.load(f), ""
-    finally:
-        os.unlink(path)
+    return interpreted_rows(__file__, ["--dtype", dtype_name, "--layers", *layers, "--tokens", *map(str, tokens),
+                                       "--fp8" if fp8 else "--no-fp8"])
 
 
 # -- latency --------------------------------------------------------------------------------------

@@ -67,9 +67,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
@@ -102,8 +100,8 @@ def _import_transformers_off_this_folder() -> None:
 _import_transformers_off_this_folder()
 sys.path.insert(0, _HERE)
 
-from common import (SCALED_GROUPED_MM_FORMAT, check_out_dir, expert_weight_bytes, machine_name,  # noqa: E402
-                    quantize_experts_fp8, scaled_grouped_mm_peer, write_results)
+from common import (SCALED_GROUPED_MM_FORMAT, check_out_dir, expert_weight_bytes, interpreted_rows,  # noqa: E402
+                    machine_name, quantize_experts_fp8, scaled_grouped_mm_peer, write_results)
 
 from blocksparse_moe import backend  # noqa: E402
 from blocksparse_moe.__main__ import LayerShape, check_device, device_label, peak_memory  # noqa: E402
@@ -611,21 +609,10 @@ def device_free(shapes: List[LayerShape]) -> Tuple[List[Dict], str]:
     module's tables)."""
     if backend.interpreter_enabled():
         return triton_costs(shapes), ""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
     spec = json.dumps([dict(name=s.name, tokens=s.tokens, hidden=s.hidden, ffn=s.ffn, experts=s.experts,
                             top_k=s.top_k, block_size=s.block_size, glu=s.glu, activation=s.activation)
                        for s in shapes])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--costs-json", path, "--costs-shapes", spec],
-                              env=env, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            return [], f"device-free columns failed (exit {proc.returncode}): see stderr"
-        with open(path) as f:
-            return json.load(f), ""
-    finally:
-        os.unlink(path)
+    return interpreted_rows(__file__, ["--costs-shapes", spec])
 
 
 # -- output -------------------------------------------------------------------------------------
