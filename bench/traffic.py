@@ -587,6 +587,20 @@ def _name_operands(launches: Sequence[Launch], known: Dict[str, Optional[torch.T
         launch.label = launch.kernel + (f" -> {', '.join(written)}" if written else "")
 
 
+@contextlib.contextmanager
+def _full_size_bands(shape: ExpertShape) -> Iterator[None]:
+    """The fused kernels' row bands (``experts.BAND_BYTES`` of a row operand H or F wide)
+    hold as many rows as at full size: their bytes scale with H and F."""
+    from blocksparse_moe.kernels import experts as fused
+
+    saved = fused.BAND_BYTES
+    fused.BAND_BYTES = int(saved * shape.column_scale)
+    try:
+        yield
+    finally:
+        fused.BAND_BYTES = saved
+
+
 def run_experts(shape: ExpertShape, *, select: int = 0, seed: int = 0) -> Dict[str, List[Launch]]:
     """Record one forward and one backward of the fused expert path at ``shape`` (bf16, GLU
     silu, fp32 router weights, gradients for x, the router weights, W1 and W2), with entry
@@ -604,7 +618,7 @@ def run_experts(shape: ExpertShape, *, select: int = 0, seed: int = 0) -> Dict[s
     w2 = (torch.randn(e, f, h, generator=gen) * f ** -0.5).to(dt)
     dout = torch.randn(t, h, generator=gen).to(dt)
     common = dict(num_experts=e, act="silu", glu=True, block_size=shape.block_size)
-    with gpu_configs((9, 0), select):
+    with gpu_configs((9, 0), select), _full_size_bands(shape):
         with record_traffic() as fwd:
             out, saved = experts_forward(x, expert_indices, weights, w1, w2, None, None, **common)
         known = dict(x=x, expert_indices=expert_indices, weights=weights, w1=w1, w2=w2, out=out, hidden=saved[0],

@@ -31,6 +31,10 @@ Which CTAs hold a real row is decided by the kernel's parameter NAMES, in one ta
                      rows in tiles of the constexpr ``BLOCK_M`` rows; CTA ``(i, *, *)`` covers
                      rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of ``row_slots`` and is real when one of
                      them holds a slot (``row_slots[row] >= 0``); axes 1 and 2 count alike.
+    row-banded       ``row_slots_ptr``, ``expert_offsets_ptr``, ``BAND_ROWS`` and ``BLOCK_M`` (the
+                     fused up, down and act_bwd kernels): the same count as row-tiled. Each
+                     CTA remaps its id to one row tile and column tile (expert by expert, in
+                     bands), one to one over the tiles of the real rows; the rest exit.
     expert-ranges    ``expert_offsets_ptr``, ``row_slots_ptr`` and ``BLOCK_M`` (the weight gradients):
                      axis 0 is ``e * tiles + tile`` with ``tiles = grid[0] / E``; a CTA is real
                      when expert ``e``'s rows ``[expert_offsets[e], expert_offsets[e+1])`` hold
@@ -109,6 +113,7 @@ def _expert_ranges(grid: Tuple[int, int, int], meta: Dict[str, object]) -> int:
 # constexprs. The first match wins; a kernel matching none: every CTA is real.
 ROW_RULES: List[Tuple[str, Tuple[str, ...], Callable[[Tuple[int, int, int], Dict[str, object]], int]]] = [
     ("row-tiled", ("row_slots_ptr", "block_expert_ptr", "BLOCK_M"), _row_tiled),
+    ("row-banded", ("row_slots_ptr", "expert_offsets_ptr", "BAND_ROWS", "BLOCK_M"), _row_tiled),
     ("expert-ranges", ("expert_offsets_ptr", "row_slots_ptr", "BLOCK_M"), _expert_ranges),
 ]
 

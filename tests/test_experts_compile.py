@@ -77,7 +77,7 @@ for _warps, _stages in ((8, 3), (4, 4)):
     # b = 128 (rows on the MMA's M side) and b = 16 (SWAP: the product transposed, the 16 rows
     # on N, the column tile on M), with column tiles as wide as F allows whatever b is.
     for _b in (128, 16):
-        _swap = dict(SWAP=_b < 64)
+        _swap = dict(SWAP=_b < 64, E_POW2=128)  # E_POW2: the row kernels' expert vector (E <= 128)
         _capped = dict(BLOCK=_b, BLOCK_M=min(_b, 64), BLOCK_N=64, BLOCK_K=64)
         _full = dict(BLOCK=_b, BLOCK_M=min(_b, 128), BLOCK_N=128 if _warps == 8 else 64, BLOCK_K=64)
         _cases = [

@@ -58,6 +58,14 @@ def _toy_wgrad_kernel(out_ptr, row_slots_ptr, expert_offsets_ptr, C,
 
 
 @triton.jit
+def _toy_banded_kernel(out_ptr, row_slots_ptr, expert_offsets_ptr, BAND_ROWS,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Has the fused row kernels' parameter names (they remap their ids in bands)."""
+    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), 1)
+
+
+@triton.jit
 def _toy_fixed_kernel(out_ptr, row_slots_ptr, block_expert_ptr, n, CHUNK: tl.constexpr):
     """Like a routing kernel: has row_slots_ptr and block_expert_ptr but tiles no rows."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -105,6 +113,22 @@ def test_row_tiled_fewest_ctas_and_real_rows_read_after_the_launch(order, expect
     assert (row_slots[20:] == -1).all() and (row_slots[:20] >= 0).all()
     # The interpreter's copies of the arguments are not allocations, nor kernels, nor reads.
     assert (costs.fresh_bytes, costs.torch_kernels, costs.host_reads) == (0, 0, 0)
+
+
+def test_row_banded_rule_counts_real_row_tiles():
+    # 128 rows, 32x64 tiles: 4 row tiles x 1 col tile; rows 0..40 real (tiles 0 and 1) plus
+    # row 100 (tile 3): 3 real CTAs of 4, whatever order the kernel walks them in.
+    out = torch.zeros(64, dtype=torch.int32)
+    row_slots = torch.full((128,), -1, dtype=torch.int32)
+    row_slots[:41] = torch.arange(41, dtype=torch.int32)
+    row_slots[100] = 41
+    offsets = torch.tensor([0, 64, 128], dtype=torch.int32)
+    tiles = _tiles(dict(BLOCK_M=32, BLOCK_N=64))
+    costs = serving_costs(lambda: _common.launch(
+        _toy_banded_kernel, lambda p: (128 // p["BLOCK_M"], 64 // p["BLOCK_N"]), out, row_slots, offsets, 64,
+        device=_CPU, tiles=tiles))
+    assert (costs.ctas_launched, costs.ctas_real) == (4, 3)
+    assert costs.per_launch[0].rule == "row-banded"
 
 
 def test_row_tiled_partial_tiles_count_whole():

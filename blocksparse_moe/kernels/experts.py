@@ -14,18 +14,18 @@ inside the two products, no host read of device data.
               dx_t = sum_j (dh_r @ W1[e(r)])_{r = row(t*k+j)}     (by slot, fixed-order sum)
 
 with ``r`` a padded row, ``slot(r) = row_slots[r]`` (``-1``: padding, a zero row of x/dout),
-``tok(r) = slot(r) // k``, ``e(r) = block_expert[r // b]`` and ``w_s`` the top-k weight (1
+``tok(r) = slot(r) // k``, ``e(r)`` the expert whose row range holds r and ``w_s`` the top-k weight (1
 without weights). Nothing of shape ``[P, H]`` is made: x and dout rows are read from the
 tokens through ``row_slots``.
 
 Why no blocked CSR-COO topology: in the dropless MoE every block row of the hidden matrix
 holds *all* ``F/b`` blocks of its one expert, and each expert owns one contiguous range of
-block rows. So the SDD is a grouped GEMM over row tiles (expert of a row tile: one load of
-``block_expert``), the DSD too, and the transposed products dW1/dW2 walk their expert's
+block rows. So the SDD is a grouped GEMM over row tiles (each CTA finds its expert and row
+tile from one vector load of ``expert_offsets``, ``_expert_tiles``), the DSD too, and the transposed products dW1/dW2 walk their expert's
 contiguous row range ``[expert_offsets[e], expert_offsets[e+1])``. Two int32 vectors replace
 the six topology tensors and their static nnz bound; ``kernels/static_routing.py`` builds
 them with static shapes. Grids are sized by ``P_max = round_down(T*k + min(E, T*k)*(b-1), b)``: a
-row tile whose block row is past the real ``P`` reads ``block_expert == E`` and exits at once.
+CTA whose row tile is past the real ``P`` finds no expert and exits at once.
 The buffers of rows (h, dh, a, y) are indexed by slot, ``[T*k, *]``: a padding row of a tile
 reads zeros and stores nothing, so no buffer carries padding.
 
@@ -65,18 +65,20 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_
                       AND the up tile of W1 (two accumulators, one pass over H); epilogue adds
                       b1, stores [g | u] (rounded) and, in forward, a = act(g) * u made from
                       the rounded values (the a backward recomputes, bitwise). Reads
-                      row_slots, block_expert.
+                      row_slots, expert_offsets.
     _down_kernel      grid (P_max/BLOCK_M, cdiv(H, BLOCK_N)). GEMM of a row tile of a [T*k, K]
                       buffer (rows by slot) with W[e] [K, H]; epilogue adds the bias,
                       multiplies by w_s and stores each row at its slot (padding rows store
                       nothing): forward (a @ W2) and dx (dh @ W1). Reads row_slots,
-                      block_expert.
+                      expert_offsets.
     _act_bwd_kernel   grid (P_max/BLOCK_M, F/C). Gather-GEMM of dout's rows with W2[e]^T over
                       one chunk of C columns (BLOCK_N at a time); epilogue recomputes
                       act from the saved h, stores dh = [dg | du] and a (for dW2), and the
                       router-weight partial sum a . P (+ dout . b2 in chunk 0) per slot:
                       part [F/C, T*k] fp32, summed in fixed order after. Reads row_slots,
-                      block_expert.
+                      expert_offsets.
+    The three row-tiled kernels launch expert by expert, in bands of BAND_BYTES of their
+    row operand inside an expert, column tile by column tile (``_expert_tiles``).
     _wgrad_kernel     grid (E * W/BLOCK_M, cdiv(H, BLOCK_N)), W = F or G*F. dW[e] = L^T R
                       over expert e's row range in BLOCK_K steps (BLOCK_K | b), L by slot
                       (dh or a), R gathered from the tokens (x, or w_s * dout), the next
@@ -137,9 +139,25 @@ POISON_BUFFERS = False
 # (A tl.constexpr: the GPU compiler takes no other Python global inside jitted code.)
 GROUP = tl.constexpr(8)
 
+# The row-tiled kernels (up, down, act_bwd) band inside one expert's row range (see
+# _expert_tiles): a band is BAND_BYTES of the row operand (x, dout: H wide; a, dh: F or 2F)
+# of one expert, swept column tile by column tile. Bands of GROUP tiles laid over the whole
+# padded range split an expert at every few band edges, and a split expert's weight tiles
+# were read once per band (w2 1.29-1.90x its bytes in the activation backward of
+# bench/results/traffic-after.md). 8 MiB: a sixth of an H100's 50 MB L2, the rest left to the
+# band's weight tiles, the outputs and other lines; at the Mixtral shape one band is one
+# expert's 1024 rows (x: 8 MiB), so W1[e] is read once. It orders the tiles, never changes a
+# result.
+BAND_BYTES = 8 << 20
+
+
+def band_rows(row_bytes: int) -> int:
+    """Rows of one band for a row operand of ``row_bytes`` per row (at least one)."""
+    return max(BAND_BYTES // max(row_bytes, 1), 1)
+
 
 @triton.jit
-def _grouped(lin, n_rows, n_cols, GROUP: tl.constexpr):
+def _grouped(lin, n_rows, n_cols, GROUP):
     """``(row tile, column tile)`` of the ``lin``-th CTA in launch order, in bands of GROUP
     row tiles (the last band shorter), each band column-tile by column-tile."""
     per_band = GROUP * n_cols
@@ -149,28 +167,43 @@ def _grouped(lin, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(GROUP: tl.constexpr):
-    """This CTA's ``(row tile, column tile)`` of a 2-D (rows, columns) grid, grouped."""
-    n_rows = tl.num_programs(0)
-    return _grouped(tl.program_id(1) * n_rows + tl.program_id(0), n_rows, tl.num_programs(1), GROUP)
+def _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M: tl.constexpr, BAND_ROWS, E_POW2: tl.constexpr):
+    """``(expert, row tile, column tile)`` of this CTA in a 2-D (rows, columns) grid of
+    BLOCK_M-row tiles over ``P_max`` rows. Launch order: expert by expert (expert e's tiles are
+    the CTAs ``[start_e, end_e) * n_cols``, with ``[start_e, end_e)`` its row tiles), and
+    inside an expert in bands of ``BAND_ROWS`` rows, column tile by column tile. A CTA past the
+    real rows gets expert ``NUM_EXPERTS`` (exit). Needs ``BLOCK_M | b`` (the offsets are
+    multiples of b) and ``E_POW2 >= NUM_EXPERTS``: one vector load of the offsets, no loop."""
+    n_cols = tl.num_programs(1)
+    lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    offs = tl.arange(0, E_POW2)
+    ends = tl.load(expert_offsets_ptr + 1 + offs, mask=offs < NUM_EXPERTS, other=0)
+    # CTAs up to the end of each expert (at most the grid's size: int32); lanes past E never count.
+    cta_end = tl.where(offs < NUM_EXPERTS, (ends // BLOCK_M) * n_cols, lin + 1)
+    e = tl.sum((cta_end <= lin).to(tl.int32), axis=0)
+    ec = tl.minimum(e, NUM_EXPERTS - 1)  # a valid index for the exiting CTAs too
+    first = tl.load(expert_offsets_ptr + ec) // BLOCK_M
+    # An exiting CTA maps as tile 0 of a one-tile expert: no division by 0 or a negative size.
+    n_rows = tl.maximum(tl.load(expert_offsets_ptr + ec + 1) // BLOCK_M - first, 1)
+    band = tl.maximum(BAND_ROWS // BLOCK_M, 1)
+    row, col = _grouped(tl.where(e < NUM_EXPERTS, lin - first * n_cols, 0), n_rows, n_cols, band)
+    return e, first + row, col
 
 
 @triton.jit
-def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_ptr,
-               H, FFN, TOP_K, NUM_EXPERTS,
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, expert_offsets_ptr,
+               H, FFN, TOP_K, NUM_EXPERTS, BAND_ROWS,
                stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_be, stride_bc,
                stride_hr, stride_hc, stride_ar, stride_ac,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GLU: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
-               STORE_A: tl.constexpr, SWAP: tl.constexpr,
+               STORE_A: tl.constexpr, SWAP: tl.constexpr, E_POW2: tl.constexpr,
                INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m, pid_n = _tile_ids(GROUP)
-    block_row = pid_m // TILES_M
-    e = tl.load(block_expert_ptr + block_row)
-    if e < NUM_EXPERTS:  # block rows past the real P hold E: nothing to do
+    tl.static_assert(BLOCK % BLOCK_M == 0)  # a row tile never straddles two experts
+    e, pid_m, pid_n = _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M, BAND_ROWS, E_POW2)
+    if e < NUM_EXPERTS:  # tiles past the real P: nothing to do
         ex = e.to(tl.int64)  # ex * stride_we exceeds int32 on big layers (a new name: e stays int32)
-        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         tok = tl.where(ok, slots // TOP_K, 0).to(tl.int64)
@@ -223,20 +256,18 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr, row_slots_ptr, block_expert_
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_expert_ptr,
-                 N, KDIM, TOP_K, NUM_EXPERTS,
+def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, expert_offsets_ptr,
+                 N, KDIM, TOP_K, NUM_EXPERTS, BAND_ROWS,
                  stride_ar, stride_ac, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
                  stride_gt, stride_gj, stride_ys, stride_yn,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, SWAP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, SWAP: tl.constexpr, E_POW2: tl.constexpr,
                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m, pid_n = _tile_ids(GROUP)
-    block_row = pid_m // TILES_M
-    e = tl.load(block_expert_ptr + block_row)
+    tl.static_assert(BLOCK % BLOCK_M == 0)  # a row tile never straddles two experts
+    e, pid_m, pid_n = _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M, BAND_ROWS, E_POW2)
     if e < NUM_EXPERTS:
         ex = e.to(tl.int64)
-        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride exceeds int32 on big layers
@@ -272,22 +303,22 @@ def _down_kernel(a_ptr, w_ptr, bias_ptr, gw_ptr, y_ptr, row_slots_ptr, block_exp
 
 @triton.jit
 def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part_ptr, row_slots_ptr,
-                    block_expert_ptr,
-                    H, FFN, TOP_K, NUM_EXPERTS,
+                    expert_offsets_ptr,
+                    H, FFN, TOP_K, NUM_EXPERTS, BAND_ROWS,
                     stride_dt, stride_dh, stride_we, stride_wf, stride_wh, stride_be, stride_bh,
                     stride_gt, stride_gj, stride_hr, stride_hc, stride_dhr, stride_dhc, stride_ar, stride_ac,
                     stride_pn, stride_ps,
                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, GLU: tl.constexpr, HAS_B2: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                     DWEIGHTS: tl.constexpr, STORE_A: tl.constexpr, STORE_DH: tl.constexpr, PART: tl.constexpr,
-                    SWAP: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m, pid_n = _tile_ids(GROUP)  # pid_n: the column chunk [pid_n * PART, (pid_n + 1) * PART) of F
-    block_row = pid_m // TILES_M
-    e = tl.load(block_expert_ptr + block_row)
+                    SWAP: tl.constexpr, E_POW2: tl.constexpr, INTERPRET: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK % BLOCK_M == 0)  # a row tile never straddles two experts
+    # pid_n: the column chunk [pid_n * PART, (pid_n + 1) * PART) of F
+    e, pid_m, pid_n = _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M, BAND_ROWS, E_POW2)
     if e < NUM_EXPERTS:
         ex = e.to(tl.int64)
-        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         slot, tok = _tokens(slots, ok, TOP_K)
@@ -545,24 +576,25 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
     a = _new((slots, ffn), dtype, device)  # forward's temporary: backward recomputes a from h
     _common.launch(
         _up_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
-        x, w1, b1 if b1 is not None else w1, hidden if keep else a, a, row_slots, block_expert,
-        hidden_size, ffn, top_k, num_experts,
+        x, w1, b1 if b1 is not None else w1, hidden if keep else a, a, row_slots, expert_offsets,
+        hidden_size, ffn, top_k, num_experts, band_rows(hidden_size * x.element_size()),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), *_strides2(b1),
         *(hidden.stride() if keep else a.stride()), a.stride(0), a.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size,
                                     (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
                                     hidden_size, ffn, min_warps=8),
         BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_H=keep, STORE_A=True,
-        SWAP=swap_rows(block_size))
+        SWAP=swap_rows(block_size), E_POW2=triton.next_power_of_2(num_experts))
     # y = w * (a @ W2 + b2), each row to its slot.
     _common.launch(
         _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
-        a, w2, b2 if b2 is not None else w2, gw, y, row_slots, block_expert,
-        hidden_size, ffn, top_k, num_experts,
+        a, w2, b2 if b2 is not None else w2, gw, y, row_slots, expert_offsets,
+        hidden_size, ffn, top_k, num_experts, band_rows(ffn * a.element_size()),
         a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
         device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size, ffn),
-        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, SWAP=swap_rows(block_size))
+        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, SWAP=swap_rows(block_size),
+        E_POW2=triton.next_power_of_2(num_experts))
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
@@ -624,13 +656,13 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
     if need_dh or need_a or need_dwt:
         _common.launch(
             _act_bwd_kernel, lambda p: (p_max // p["BLOCK_M"], col_chunks),
-            dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, block_expert,
-            hidden_size, ffn, top_k, num_experts,
+            dout, w2, b2 if b2 is not None else w2, gw, hidden, dh, a, part_arg, row_slots, expert_offsets,
+            hidden_size, ffn, top_k, num_experts, band_rows(hidden_size * dout.element_size()),
             dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *_strides2(b2),
             *_strides2(weights), hidden.stride(0), hidden.stride(1), dh.stride(0), dh.stride(1),
             a.stride(0), a.stride(1), *_strides2(part_arg),
             BLOCK=block_size, ACT=code, GLU=glu, HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None,
-            SWAP=swap_rows(block_size),
+            SWAP=swap_rows(block_size), E_POW2=triton.next_power_of_2(num_experts),
             DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, PART=cols,
             device=device, tiles=_tiles("act-bwd", dtype, block_size,
                                         (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
@@ -662,12 +694,12 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
         rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
         _common.launch(
             _down_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
-            dh, w1, w1, x, rows, row_slots, block_expert,
-            hidden_size, groups * ffn, top_k, num_experts,
+            dh, w1, w1, x, rows, row_slots, expert_offsets,
+            hidden_size, groups * ffn, top_k, num_experts, band_rows(groups * ffn * dh.element_size()),
             dh.stride(0), dh.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), 0, 0, 0, 0,
             rows.stride(0), rows.stride(1),
             BLOCK=block_size, HAS_BIAS=False, HAS_WEIGHTS=False,
-            SWAP=swap_rows(block_size),
+            SWAP=swap_rows(block_size), E_POW2=triton.next_power_of_2(num_experts),
             device=device, tiles=_tiles("down", dtype, block_size, (block_size, 0, cols), slots, hidden_size,
                                         groups * ffn))
         if top_k > 1:
