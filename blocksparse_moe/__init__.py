@@ -18,13 +18,14 @@ from .ops import (dds, dsd, gather, padded_gather, padded_scatter, scatter, sdd,
 from .router import Router, RouterOutput, load_balancing_loss, z_loss
 from .routing import Routing, route
 from .topology import Topology, make_topology
+from .tuning import load_tuning, save_tuning
 from .warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseMLP", "DroplessMoE", "MoEAux", "Router", "RouterOutput", "Routing", "SparseMatrix", "Topology",
-    "dds", "dsd", "expert_mlp", "fp8", "gather", "load_balancing_loss", "make_topology", "native_status",
-    "padded_gather", "padded_scatter", "route", "scatter", "sdd", "sparse_activation", "sparse_glu",
-    "sparse_glu_packed", "warmup", "z_loss", "__version__",
+    "dds", "dsd", "expert_mlp", "fp8", "gather", "load_balancing_loss", "load_tuning", "make_topology",
+    "native_status", "padded_gather", "padded_scatter", "route", "save_tuning", "scatter", "sdd",
+    "sparse_activation", "sparse_glu", "sparse_glu_packed", "warmup", "z_loss", "__version__",
 ]

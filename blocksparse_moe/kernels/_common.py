@@ -271,17 +271,87 @@ def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple
         # timing run, so two processes or two ranks compute with the same tiles and give
         # bitwise-equal results (the autotuner's pick can differ from run to run).
         return kernel, dict(configs[0])
-    cache_key = (kernel, torch.cuda.get_device_capability(device), tiles, precision)
+    return _autotuner(kernel, tuple(torch.cuda.get_device_capability(device)), tiles, precision, configs), {}
+
+
+def _config(c: Dict[str, int]) -> "triton.Config":
+    return triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, num_warps=c["num_warps"],
+                         num_stages=c["num_stages"])
+
+
+def _autotuner(kernel, capability: Tuple[int, int], tiles: Tiles, precision: str, configs: List[Dict[str, int]]):
+    cache_key = (kernel, capability, tiles, precision)
     tuned = _TUNED.get(cache_key)
     if tuned is None:
         # key=[]: the autotuner tunes once; which calls share it is decided by cache_key.
-        tuned = triton.autotune(
-            configs=[triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
-                                   num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
-            key=[],
-        )(kernel)
+        tuned = triton.autotune(configs=[_config(c) for c in configs], key=[])(kernel)
         _TUNED[cache_key] = tuned
-    return tuned, {}
+    return tuned
+
+
+# -- saving and reloading the autotuners' picks (blocksparse_moe.tuning) ----------------------
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _untuple(v):
+    return [_untuple(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _retuple(v):
+    return tuple(_retuple(x) for x in v) if isinstance(v, list) else v
+
+
+def tuned_picks() -> List[Dict[str, object]]:
+    """Every pick the autotuners of this process have made, JSON-ready: per pick the
+    kernel, the target, the launch's :class:`Tiles`, the input precision, Triton's key of
+    the call (its tensors' dtypes) and the config it chose."""
+    out = []
+    for (kernel, capability, tiles, precision), tuner in _TUNED.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out.append({
+                "kernel": _kernel_name(kernel), "capability": list(capability), "precision": precision,
+                "tiles": {"split": tiles.split, "block_size": tiles.block_size,
+                          "dtype": str(tiles.dtype).replace("torch.", ""), "key": _untuple(tiles.key),
+                          "min_warps": tiles.min_warps, "caps": list(tiles.caps)},
+                "call_key": _untuple(key),
+                "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
+    return out
+
+
+def restore_picks(picks: List[Dict[str, object]]) -> int:
+    """Give the autotuners the ``picks`` of :func:`tuned_picks` (from another process or
+    rank): a launch with the same kernel, target, tiles and call key then runs the saved
+    config without timing anything. Returns how many were restored. Raises ``ValueError``
+    (before changing anything) for a kernel not in this package, or a config that is not
+    one of that launch's candidates here (saved by another version of the tables)."""
+    import importlib
+
+    staged = []
+    for i, p in enumerate(picks):
+        try:
+            module, _, name = str(p["kernel"]).partition(":")
+            kernel = getattr(importlib.import_module(module), name) if module.startswith("blocksparse_moe.") else None
+            t = p["tiles"]
+            tiles = Tiles(t["split"], int(t["block_size"]), getattr(torch, t["dtype"]), key=_retuple(t["key"]),
+                          min_warps=int(t["min_warps"]), caps=tuple(t["caps"]))
+            capability = tuple(int(c) for c in p["capability"])
+            precision, config, call_key = p["precision"], dict(p["config"]), _retuple(p["call_key"])
+        except (KeyError, TypeError, AttributeError, ImportError, ValueError) as e:
+            raise ValueError(f"picks[{i}]: not a saved autotune pick ({type(e).__name__}: {e})") from None
+        if kernel is None or not hasattr(kernel, "run"):
+            raise ValueError(f"picks[{i}]: kernel {p['kernel']!r} is not a Triton kernel of blocksparse_moe")
+        configs = tile_configs(tiles.block_size, tiles.split, dtype=tiles.dtype, tf32=precision == "tf32",
+                               capability=capability, min_warps=tiles.min_warps, caps=tiles.caps)
+        if config not in configs:
+            raise ValueError(f"picks[{i}]: config {config} of {p['kernel']} is not among this version's "
+                             f"candidates for sm_{capability[0]}{capability[1]}: {configs}")
+        staged.append((kernel, capability, tiles, precision, configs, call_key, config))
+    for kernel, capability, tiles, precision, configs, call_key, config in staged:
+        _autotuner(kernel, capability, tiles, precision, configs).cache[call_key] = _config(config)
+    return len(staged)
 
 
 def device_guard(device: torch.device):
