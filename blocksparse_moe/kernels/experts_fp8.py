@@ -34,8 +34,8 @@ Arguments (every tensor read through its strides; ``G = 2`` for a GLU, 1 plain):
     b1 [E, G*F], b2 [E, H]     or None (x's dtype or fp32)
 Element (n, k) of expert e's weight is ``w[e, n, k] * scale[e, n // 128, k // 128]``.
 
-Kernels (routing from ``static_routing.static_route``: ``row_slots``, ``block_expert``; block
-rows past the real P read ``block_expert == E`` and exit):
+Kernels (routing from ``static_routing.static_route``: ``row_slots``, ``expert_offsets``; a
+CTA past the real P finds no expert and exits):
     _up_fp8_kernel    grid (P_max/BLOCK_M, F/BLOCK_N). Gather of x's rows fused with their
                       quantization, fp8 dot with the gate AND the up tile of W1 (two
                       accumulators, one pass over H); epilogue adds b1, stores [g | u] in
@@ -48,9 +48,8 @@ Entry point: :func:`experts_forward_fp8` (forward only: inference). Allocates hi
 [T*k, G*F] (x's dtype, by slot: no buffer carries padding rows), y [T*k, H] (none when
 k == 1), out [T, H]. No host read of device data.
 
-Tile order: blockIdx.x walks the row tiles (not yet experts.py's grouped order,
-``experts._tile_ids``: with it, Triton 3.6's ptxas spilled 8 bytes in two variants of the
-"fp8" tables, sm_89 up 64x64 GLU and sm_100 down 32x64 plain).
+Tile order: experts.py's (``experts._expert_tiles``): expert by expert, in bands of
+``experts.BAND_BYTES`` of the row operand inside an expert, column tile by column tile.
 
 Orientation: below 64 rows of padding (b = 16, 32; ``experts.swap_rows``) both kernels compute
 the transposed product, as experts.py does (``SWAP``, kernels/_rowtile.py): the weight tile
@@ -88,7 +87,7 @@ import triton.language as tl
 
 from . import _common
 from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_max, _rows, _tokens
-from .experts import ACTIVATIONS, _strides2, _tiles, col_tile, swap_rows
+from .experts import ACTIVATIONS, _expert_tiles, _strides2, _tiles, band_rows, col_tile, swap_rows
 from .static_routing import padded_rows_bound, static_route
 
 # The format's constants, for host code (the kernels spell them as literals: the GPU
@@ -152,22 +151,19 @@ def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, block_expert_ptr,
-                   H, FFN, TOP_K, NUM_EXPERTS,
+def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, expert_offsets_ptr,
+                   H, FFN, TOP_K, NUM_EXPERTS, BAND_ROWS,
                    stride_xt, stride_xh, stride_we, stride_wc, stride_wh, stride_se, stride_sc, stride_sh,
                    stride_be, stride_bc, stride_hr, stride_hc,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+                   GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, E_POW2: tl.constexpr,
                    INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_K == 128)  # one quantization group per K step
-    TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    block_row = pid_m // TILES_M
-    e = tl.load(block_expert_ptr + block_row)
-    if e < NUM_EXPERTS:  # block rows past the real P hold E: nothing to do
+    tl.static_assert(BLOCK % BLOCK_M == 0)  # a row tile never straddles two experts
+    e, pid_m, pid_n = _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M, BAND_ROWS, E_POW2)
+    if e < NUM_EXPERTS:  # tiles past the real P: nothing to do
         ex = e.to(tl.int64)
-        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         slot, tok = _tokens(slots, ok, TOP_K)
@@ -216,22 +212,20 @@ def _up_fp8_kernel(x_ptr, w1_ptr, w1s_ptr, b1_ptr, h_ptr, row_slots_ptr, block_e
 
 
 @triton.jit
-def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_ptr, block_expert_ptr,
-                     N, FFN, TOP_K, NUM_EXPERTS,
+def _down_fp8_kernel(h_ptr, w2_ptr, w2s_ptr, b2_ptr, gw_ptr, y_ptr, row_slots_ptr, expert_offsets_ptr,
+                     N, FFN, TOP_K, NUM_EXPERTS, BAND_ROWS,
                      stride_hr, stride_hc, stride_we, stride_wf, stride_wn, stride_se, stride_sf, stride_sn,
                      stride_be, stride_bn, stride_gt, stride_gj, stride_ys, stride_yn,
                      BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
-                     SWAP: tl.constexpr, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                     SWAP: tl.constexpr, E_POW2: tl.constexpr, INTERPRET: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_K == 128)  # one quantization group of F per K step
-    TILES_M: tl.constexpr = BLOCK // BLOCK_M
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    block_row = pid_m // TILES_M
-    e = tl.load(block_expert_ptr + block_row)
+    tl.static_assert(BLOCK % BLOCK_M == 0)  # a row tile never straddles two experts
+    e, pid_m, pid_n = _expert_tiles(expert_offsets_ptr, NUM_EXPERTS, BLOCK_M, BAND_ROWS, E_POW2)
     if e < NUM_EXPERTS:
         ex = e.to(tl.int64)
-        rows = block_row.to(tl.int64) * BLOCK + (pid_m % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         slots = tl.load(row_slots_ptr + rows)
         ok = slots >= 0
         slot = tl.where(ok, slots, 0).to(tl.int64)  # slot * stride exceeds int32 on big layers
@@ -348,32 +342,37 @@ def experts_forward_fp8(x: torch.Tensor, expert_indices: torch.Tensor, weights: 
     out = _new((tokens, hidden_size), dtype, device)
     if tokens == 0 or hidden_size == 0:
         return out.zero_()
-    row_slots, block_expert, _, _ = static_route(expert_indices, num_experts, block_size)
+    row_slots, _, expert_offsets, _ = static_route(expert_indices, num_experts, block_size)
     hidden = _new((tokens * top_k, groups * ffn), dtype, device)  # by slot: no padding row
     y = out if top_k == 1 else _new((tokens * top_k, hidden_size), dtype, device)
     gw = weights if weights is not None else x  # a valid pointer, never read without HAS_WEIGHTS
     slots, swap, fp8 = tokens * top_k, swap_rows(block_size), torch.float8_e4m3fn
     form = "glu" if glu else "plain"
+    e_pow2 = triton.next_power_of_2(num_experts)
     if ffn > 0:
         # Row tiles divide b; column tiles divide col_tile(F) (see the module docstring).
         _common.launch(
             _up_fp8_kernel, lambda p: (p_max // p["BLOCK_M"], ffn // p["BLOCK_N"]),
-            x, w1, w1_scale, b1 if b1 is not None else w1_scale, hidden, row_slots, block_expert,
-            hidden_size, ffn, top_k, num_experts,
+            x, w1, w1_scale, b1 if b1 is not None else w1_scale, hidden, row_slots, expert_offsets,
+            hidden_size, ffn, top_k, num_experts, band_rows(hidden_size * x.element_size()),
             x.stride(0), x.stride(1), *_strides3(w1), *_strides3(w1_scale), *_strides2(b1),
             hidden.stride(0), hidden.stride(1),
             device=device, tiles=_tiles(f"up-fp8-{form}", fp8, block_size, (block_size, col_tile(ffn), GROUP),
                                         slots, hidden_size, ffn),
-            BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, SWAP=swap)
+            BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, SWAP=swap, E_POW2=e_pow2)
     _common.launch(
         _down_fp8_kernel, lambda p: (p_max // p["BLOCK_M"], triton.cdiv(hidden_size, p["BLOCK_N"])),
-        hidden, w2, w2_scale, b2 if b2 is not None else w2_scale, gw, y, row_slots, block_expert,
-        hidden_size, ffn, top_k, num_experts,
+        hidden, w2, w2_scale, b2 if b2 is not None else w2_scale, gw, y, row_slots, expert_offsets,
+        hidden_size, ffn, top_k, num_experts, band_rows(groups * ffn * hidden.element_size()),
         hidden.stride(0), hidden.stride(1), *_strides3(w2), *_strides3(w2_scale), *_strides2(b2),
         *_strides2(weights), y.stride(0), y.stride(1),
+        # 8 warps at least: each K step forms a = act(g) * u from h, its row maxima and its
+        # quantization, several fp32 tiles at once; the sm_90 64x64 tile on 4 warps reached
+        # 255 registers and spilled 8 bytes under Triton 3.6.
         device=device, tiles=_tiles(f"down-fp8-{form}", fp8, block_size, (block_size, GROUP, GROUP), slots,
-                                    hidden_size, ffn),
-        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT=code, GLU=glu, SWAP=swap)
+                                    hidden_size, ffn, min_warps=8),
+        BLOCK=block_size, HAS_BIAS=b2 is not None, HAS_WEIGHTS=weights is not None, ACT=code, GLU=glu, SWAP=swap,
+        E_POW2=e_pow2)
     if top_k > 1:
         # A token's k slots are adjacent rows of y: a fixed-order sum, no atomics.
         torch.sum(y.view(tokens, top_k, hidden_size), dim=1, out=out)
