@@ -35,7 +35,11 @@ Which CTAs hold a real row is decided by the kernel's parameter NAMES, in one ta
                      fused up, down and act_bwd kernels): the same count as row-tiled. Each
                      CTA remaps its id to one row tile and column tile (expert by expert, in
                      bands), one to one over the tiles of the real rows; the rest exit.
-    expert-ranges    ``expert_offsets_ptr``, ``row_slots_ptr`` and ``BLOCK_M`` (the weight gradients):
+    expert-chunks    ``expert_offsets_ptr``, ``row_slots_ptr``, ``CHUNK``, ``C`` and ``BLOCK_M`` (the
+                     weight gradients, kernels/expert_wgrad.py): axis 0 is ``slot * tiles +
+                     tile`` with ``tiles = C / BLOCK_M`` over E + X chunk slots; a CTA is real
+                     when its chunk (``CHUNK`` rows of one expert's range) holds a real row.
+    expert-ranges    ``expert_offsets_ptr``, ``row_slots_ptr`` and ``BLOCK_M`` (one program row per expert):
                      axis 0 is ``e * tiles + tile`` with ``tiles = grid[0] / E``; a CTA is real
                      when expert ``e``'s rows ``[expert_offsets[e], expert_offsets[e+1])`` hold
                      a real row.
@@ -108,12 +112,27 @@ def _expert_ranges(grid: Tuple[int, int, int], meta: Dict[str, object]) -> int:
     return hit * (grid[0] // experts) * grid[1] * grid[2]
 
 
+def _expert_chunks(grid: Tuple[int, int, int], meta: Dict[str, object]) -> int:
+    offsets = meta["expert_offsets_ptr"].reshape(-1).tolist()
+    experts = len(offsets) - 1
+    chunk, tiles = int(meta["CHUNK"]), int(meta["C"]) // int(meta["BLOCK_M"])
+    if experts < 1 or chunk < 1 or tiles < 1 or grid[0] % tiles or grid[0] // tiles < experts:
+        raise ValueError(f"serving_costs: expert-chunks rule: grid axis 0 = {grid[0]} is not (E + X) * C/BLOCK_M "
+                         f"with E = {experts}, C/BLOCK_M = {tiles}; the kernel's grid changed, update "
+                         f"serving.ROW_RULES")
+    real = meta["row_slots_ptr"].reshape(-1) >= 0
+    hit = sum(1 for e in range(experts) for lo in range(offsets[e], offsets[e + 1], chunk)
+              if bool(real[lo:min(offsets[e + 1], lo + chunk)].any()))
+    return hit * tiles * grid[1] * grid[2]
+
+
 # (rule name, parameter names the kernel must have, real CTAs of (grid, meta)). ``meta``
 # holds the launch's arguments by parameter name (its tensors as passed) and the config's
 # constexprs. The first match wins; a kernel matching none: every CTA is real.
 ROW_RULES: List[Tuple[str, Tuple[str, ...], Callable[[Tuple[int, int, int], Dict[str, object]], int]]] = [
     ("row-tiled", ("row_slots_ptr", "block_expert_ptr", "BLOCK_M"), _row_tiled),
     ("row-banded", ("row_slots_ptr", "expert_offsets_ptr", "BAND_ROWS", "BLOCK_M"), _row_tiled),
+    ("expert-chunks", ("expert_offsets_ptr", "row_slots_ptr", "CHUNK", "C", "BLOCK_M"), _expert_chunks),
     ("expert-ranges", ("expert_offsets_ptr", "row_slots_ptr", "BLOCK_M"), _expert_ranges),
 ]
 

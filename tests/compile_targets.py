@@ -149,8 +149,9 @@ def record(workload=None, execute: bool = False) -> List[Launch]:
 def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
     """What the recorder watches: ``DroplessMoE`` forward + backward (GLU, every block size
     and dtype; plain MLP), the public products with both transposes, the activations (every
-    activation, GLU and plain, forward + backward), the permutes, and the sdd's row gather
-    (reached through its launcher: the layer's fused gather is not wired yet)."""
+    activation, GLU and plain, forward + backward), the permutes, the sdd's row gather
+    (reached through its launcher: the layer's fused gather is not wired yet), and the weight
+    gradient's split launch (:func:`_wgrad_split_workload`)."""
     import torch
 
     from blocksparse_moe import ops
@@ -198,8 +199,31 @@ def default_workload(dtypes=None, block_sizes=(16, 32, 64, 128)) -> None:
         w = torch.rand(T, K, generator=g).to(dtype).requires_grad_(True)
         ops.scatter(ops.gather(x, r, K), r, w, K).float().sum().backward()
         ops.padded_scatter(ops.padded_gather(x, r, K), r, None, K).float().sum().backward()
+    _wgrad_split_workload(g, dtypes, (block_sizes[0], block_sizes[-1]))
     if torch.bfloat16 in dtypes:
         _fp8_workload(g, block_sizes)
+
+
+def _wgrad_split_workload(g, dtypes, block_sizes) -> None:
+    """The weight gradient's split variant and its second pass (kernels/expert_wgrad.py): a
+    layer with biases, forward + backward, with the chunk length forced to one row padding b
+    (the rule would not split a problem this small), so the grid holds an extra chunk slot."""
+    import torch
+
+    from blocksparse_moe.kernels import expert_wgrad
+    from blocksparse_moe.moe import DroplessMoE
+
+    H, T, E, K = 32, 6, 2, 2
+    saved = expert_wgrad.SPLIT_ROWS
+    try:
+        for dtype in dtypes:
+            for b in block_sizes:
+                expert_wgrad.SPLIT_ROWS = b
+                layer = DroplessMoE(H, 128, E, K, glu=True, bias=True, block_size=b, dtype=dtype)
+                out, aux = layer(torch.randn(T, H, generator=g).to(dtype).requires_grad_(True))
+                (out.float().square().sum() + aux.aux_loss).backward()
+    finally:
+        expert_wgrad.SPLIT_ROWS = saved
 
 
 def _fp8_workload(g, block_sizes) -> None:

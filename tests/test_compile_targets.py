@@ -69,6 +69,12 @@ def test_recorder_sees_every_variant(launches):
     for kernel in ("_up_kernel", "_down_kernel", "_act_bwd_kernel"):
         assert _values(launches, kernel, "BLOCK") == {16, 32, 64, 128}, kernel
     assert _values(launches, "_up_kernel", "GLU") == {True, False}
+    # The weight gradient with and without split row ranges, and the split's second pass
+    # (kernels/expert_wgrad.py), with the bias sums of either side.
+    assert "_wgrad_sum_kernel" in kernels
+    assert _values(launches, "_wgrad_kernel", "SPLIT") == {True, False}
+    for flag in ("SUM_L", "SUM_R"):
+        assert True in _values(launches, "_wgrad_sum_kernel", flag), flag
     assert _values(launches, "_up_kernel", "ACT") == {0, 1, 2, 3}  # each activation in the up epilogue
     assert _values(launches, "_dsd_kernel", "HAS_BLOCK_INDEX") == {True, False}  # S and S^T (dds, dW)
     for kernel in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
@@ -161,6 +167,19 @@ def test_products_pipeline_num_stages_deep(results):
             assert r["buffers"] == r["options"]["num_stages"], ct.label(r)
             checked += 1
     assert checked
+
+
+def test_weight_gradient_pipelines_num_stages_deep(results):
+    # The weight gradient keeps num_stages shared-memory tiles of L and R in flight, split or
+    # not (issue 18): the slots of the next step are loaded one step ahead, so no operand
+    # load depends on a load of its own iteration.
+    checked = set()
+    for r in results:
+        if r["qualname"] == "_wgrad_kernel" and r["ok"] and r["mma"] in ("wgmma", "mma.sync") \
+                and r["capability"] == 90:
+            assert r["buffers"] == r["options"]["num_stages"], ct.label(r)
+            checked.add(r["constexprs"]["SPLIT"])
+    assert checked == {True, False}, checked
 
 
 # -- the checks themselves can fail ---------------------------------------------------------

@@ -33,10 +33,10 @@ SM90_SHARED_LIMIT = 227 * 1024
 # an int argument equal to 1 into a constant).
 UNIT_STRIDES = {"stride_xh", "stride_wh", "stride_bc", "stride_hc", "stride_ac", "stride_bn", "stride_gj",
                 "stride_yn", "stride_dh", "stride_bh", "stride_dhc", "stride_ps", "stride_wn", "stride_lc",
-                "stride_sn", "stride_dn", "stride_blc", "stride_brn"}
+                "stride_sn", "stride_dn", "stride_blc", "stride_brn", "stride_pc", "stride_plc", "stride_prn"}
 NOT_ALIGNED = {"TOP_K", "NUM_EXPERTS", "stride_gt"}
 INT32_POINTERS = {"row_slots_ptr", "block_expert_ptr", "expert_offsets_ptr"}
-FP32_POINTERS = {"part_ptr", "gw_ptr"}
+FP32_POINTERS = {"part_ptr", "gw_ptr", "ws_ptr", "wsl_ptr", "wsr_ptr"}  # ws: the weight gradient's partials
 
 
 def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int):
@@ -87,26 +87,40 @@ for _warps, _stages in ((8, 3), (4, 4)):
                                                 DWEIGHTS=True, STORE_A=True, STORE_DH=True, PART=128)),
         ]
         if _b == 128:  # the weight gradient's row padding only bounds its K steps
-            _cases.append(("wgrad", "_wgrad_kernel", dict({k: v for k, v in _full.items() if k != "BLOCK"},
-                                                          HAS_WEIGHTS=True, STORE_DW=True, SUM_L=True, SUM_R=True)))
+            # The two uses' flags: dW2 (router weights, db2 = sums of R), dW1 (db1 = sums of L).
+            for _use, _flags in (("dw2", dict(HAS_WEIGHTS=True, SUM_L=False, SUM_R=True)),
+                                 ("dw1", dict(HAS_WEIGHTS=False, SUM_L=True, SUM_R=False))):
+                _wg = dict({k: v for k, v in _full.items() if k != "BLOCK"}, **_flags, STORE_DW=True, EXPERTS_P2=128)
+                _cases.append((f"wgrad-{_use}", "_wgrad_kernel", dict(_wg, SPLIT=False)))
+                # Split row ranges (kernels/expert_wgrad.py): 32-row steps (its launcher caps BLOCK_K).
+                _cases.append((f"wgrad-{_use}-split", "_wgrad_kernel", dict(_wg, SPLIT=True, BLOCK_K=32)))
         for _name, _kernel, _consts in _cases:
             if _warps < 8 and _name in ("up", "act_bwd"):
                 continue  # their launchers ask for 8 warps (experts._tiles min_warps): 4 is never launched
             _tile = f"{_consts['BLOCK_M']}x{_consts['BLOCK_N']}x{_consts['BLOCK_K']}"
             VARIANTS[f"{_name}-b{_b}-{_tile}-w{_warps}"] = (
                 _kernel, dict(_consts, INTERPRET=False, INPUT_PRECISION="ieee"), _warps, _stages)
+# The split's second pass (elementwise fp32 sums, launched with its own fixed tile).
+VARIANTS["wgrad-sum"] = ("_wgrad_sum_kernel", dict(BLOCK_C=32, BLOCK_N=128, EXPERTS_P2=128, STORE_DW=True, SUM_L=True,
+                                                   SUM_R=True), 4, 1)
+# The kernel's module (kernels/experts.py unless named here).
+MODULES = {"_wgrad_kernel": "expert_wgrad", "_wgrad_sum_kernel": "expert_wgrad"}
 
 
 def _compile_all() -> dict:
     """Run in a child process without TRITON_INTERPRET: the kernels must be JIT functions."""
-    from blocksparse_moe.kernels import experts
+    import importlib
+    import re
 
     results = {}
     for vid, (kernel, consts, warps, stages) in VARIANTS.items():
         try:
-            compiled = _compile(getattr(experts, kernel), "*bf16", consts, warps, stages)
+            module = importlib.import_module(f"blocksparse_moe.kernels.{MODULES.get(kernel, 'experts')}")
+            compiled = _compile(getattr(module, kernel), "*bf16", consts, warps, stages)
+            buffers = [int(x) for x in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])]
             results[vid] = dict(_resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared,
-                                wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+                                wgmma="wgmma.mma_async" in compiled.asm["ptx"], buffers=max(buffers, default=0),
+                                stages=stages)
         except Exception as e:  # reported by the test of this variant
             results[vid] = dict(error=f"{type(e).__name__}: {e}"[-3000:])
     return results
@@ -129,8 +143,12 @@ def test_compiles_for_sm90_without_spills(compiled, variant):
     assert "error" not in usage, usage.get("error")
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"spills: {usage}"
     assert usage["shared"] <= SM90_SHARED_LIMIT, f"shared memory {usage['shared']} B"
+    if variant == "wgrad-sum":  # elementwise: no product
+        return
     # bf16 on Hopper: wgmma at every row padding (b = 16 through the transposed product).
     assert usage["wgmma"], f"{variant} does not use wgmma"
+    if variant.startswith("wgrad"):  # issue 18: L and R multi-buffered num_stages deep
+        assert usage["buffers"] == usage["stages"], usage
 
 
 if __name__ == "__main__":

@@ -86,7 +86,11 @@ LONG_STRIDES = {
     "_act_bwd_kernel": ("stride_dt", "stride_we", "stride_wf", "stride_be", "stride_gt", "stride_hr",
                         "stride_dhr", "stride_ar", "stride_pn", "stride_ps"),
     "_wgrad_kernel": ("stride_lr", "stride_st", "stride_sn", "stride_gt", "stride_de", "stride_dc", "stride_dn",
-                      "stride_ble", "stride_bre"),
+                      "stride_ble", "stride_bre", "stride_pp", "stride_pn", "stride_plp", "stride_prp"),
+    # The split's second pass (kernels/expert_wgrad.py): the partial's position and columns of
+    # the workspace [2X, C, N] (stored C-fastest: stride_pn = C), the expert and columns of dW.
+    "_wgrad_sum_kernel": ("stride_de", "stride_dc", "stride_dn", "stride_ble", "stride_bre", "stride_pp",
+                          "stride_pn", "stride_plp", "stride_prp"),
 }
 
 _SHAPE_OPS = ("arith.extsi", "tt.splat", "tt.broadcast", "tt.expand_dims")
@@ -129,6 +133,8 @@ def ttirs():
     launches = ct.record(workload)
     jobs = {}
     for job in ct.jobs(launches, [90]):
+        if job["constexprs"].get("SPLIT"):  # the weight gradient's split variant: all its products
+            jobs[job["qualname"]] = _generic(job)
         jobs.setdefault(job["qualname"], _generic(job))
     return {r["qualname"]: r for r in ct.compile_jobs(list(jobs.values()))}
 

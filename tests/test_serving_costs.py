@@ -66,6 +66,14 @@ def _toy_banded_kernel(out_ptr, row_slots_ptr, expert_offsets_ptr, BAND_ROWS,
 
 
 @triton.jit
+def _toy_chunked_kernel(out_ptr, row_slots_ptr, expert_offsets_ptr, C, CHUNK,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Has the weight gradient's parameter names (chunk slots of CHUNK rows)."""
+    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), 1)
+
+
+@triton.jit
 def _toy_fixed_kernel(out_ptr, row_slots_ptr, block_expert_ptr, n, CHUNK: tl.constexpr):
     """Like a routing kernel: has row_slots_ptr and block_expert_ptr but tiles no rows."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -155,6 +163,24 @@ def test_expert_ranges_rule():
     costs = serving_costs(fn)
     assert (costs.ctas_launched, costs.ctas_real) == (36, 12)
     assert costs.per_launch[0].rule == "expert-ranges"
+
+
+def test_expert_chunks_rule():
+    # E = 2, C = 32, BLOCK_M = 16: 2 tiles per chunk slot; chunks of 32 rows; X = 3 extra
+    # slots: grid (5 * 2, 1) = 10 CTAs. Expert 0 rows [0, 96): chunks [0,32) (row 5 real),
+    # [32,64) (padding), [64,96) (row 70 real); expert 1 [96, 128) (row 100 real): 3 real
+    # chunks * 2 tiles = 6 real CTAs.
+    offsets = torch.tensor([0, 96, 128], dtype=torch.int32)
+    row_slots = torch.full((128,), -1, dtype=torch.int32)
+    row_slots[[5, 70, 100]] = torch.tensor([0, 1, 2], dtype=torch.int32)
+    out = torch.zeros(64, dtype=torch.int32)
+
+    def fn():
+        _common.launch(_toy_chunked_kernel, lambda p: (5 * (32 // p["BLOCK_M"]), 1), out, row_slots, offsets, 32, 32,
+                       device=_CPU, tiles=_tiles(dict(BLOCK_M=16, BLOCK_N=32)))
+    costs = serving_costs(fn)
+    assert (costs.ctas_launched, costs.ctas_real) == (10, 6)
+    assert costs.per_launch[0].rule == "expert-chunks"
 
 
 def test_expert_ranges_rule_rejects_a_grid_it_does_not_know():

@@ -1,5 +1,6 @@
-"""Jit helpers of the fused expert kernels (``experts.py``, ``experts_fp8.py``): the activations
-with their derivatives, and the orientation of a row tile.
+"""Jit helpers of the fused expert kernels (``experts.py``, ``experts_fp8.py``, ``expert_wgrad.py``):
+the activations with their derivatives, the orientation of a row tile, and the grouped launch
+order of a 2-D grid (:data:`GROUP`, :func:`_grouped`).
 
 A row-tiled kernel multiplies a tile of rows (tokens, padded per expert to ``b``) by a tile of
 columns. With ``SWAP`` it computes the transposed product instead, so that the rows sit on the
@@ -15,6 +16,26 @@ import triton
 import triton.language as tl
 
 from . import _common
+
+
+# Consecutive CTAs (the GPU starts them blockIdx.x fastest) walk GROUP row tiles for every
+# column tile before the next band of rows: the band's rows (gathered x, dout, a or dh) and the
+# column tiles' weights stay in L2 while a band is in flight, instead of every row being
+# re-read once per column tile when a sweep of all rows outgrows L2 (the "before" table of
+# bench/results/traffic-before.md: 1.2-2x the unique bytes at the scaled shapes, more at
+# full size). The grids keep their 2-D shape (rows on axis 0), each CTA remaps its id.
+# (A tl.constexpr: the GPU compiler takes no other Python global inside jitted code.)
+GROUP = tl.constexpr(8)
+
+
+@triton.jit
+def _grouped(lin, n_rows, n_cols, GROUP):  # GROUP: a constexpr or a runtime value
+    """``(row tile, column tile)`` of the ``lin``-th CTA in launch order, in bands of GROUP
+    row tiles (the last band shorter), each band column-tile by column-tile."""
+    per_band = GROUP * n_cols
+    first = (lin // per_band) * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (lin % per_band) % size, (lin % per_band) // size
 
 
 @triton.jit

@@ -79,11 +79,12 @@ Kernels (grids; BLOCK_M / BLOCK_N / BLOCK_K from ``_common``'s configs; C = col_
                       expert_offsets.
     The three row-tiled kernels launch expert by expert, in bands of BAND_BYTES of their
     row operand inside an expert, column tile by column tile (``_expert_tiles``).
-    _wgrad_kernel     grid (E * W/BLOCK_M, cdiv(H, BLOCK_N)), W = F or G*F. dW[e] = L^T R
-                      over expert e's row range in BLOCK_K steps (BLOCK_K | b), L by slot
-                      (dh or a), R gathered from the tokens (x, or w_s * dout), the next
-                      step's slots loaded one step ahead; fused bias gradient: row sums of L
-                      (db1) or of R (db2). Reads expert_offsets, row_slots.
+    weight gradient   kernels/expert_wgrad.py (``weight_grad``): dW[e] = L^T R over expert
+                      e's row range, L by slot (dh or a), R gathered from the tokens (x, or
+                      w_s * dout), fused bias gradient (row sums of L: db1, or of R: db2);
+                      long row ranges (skewed routing) split into chunks of a static length,
+                      their fp32 partials summed by a second pass in a fixed order. Reads
+                      expert_offsets, row_slots.
 Every store is by exactly one program; sums run in a fixed order; no atomics anywhere, so
 two runs are bitwise equal. The up and activation-backward tiles are capped at 64 (see
 ``_tiles``: their epilogues hold several fp32 tiles at once); the down kernel compiles without
@@ -101,7 +102,9 @@ What each pass allocates (in x's dtype unless said) and reads:
               rows, W1, b1 (up), then a, W2, b2 and the weights (down), y (the sum).
     backward  dh [T*k, G*F]; one scratch of T*k*max(F, H) elements that holds a for
               dW2, then (a is dead) the per-slot dx rows; part [F/C, T*k] fp32; the
-              gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks).
+              gradients dx, dweights, dW1, dW2, db1, db2 (each only if needs_input_grad asks);
+              where long row ranges may split, the weight gradient's fp32 workspace of
+              chunk partials (expert_wgrad.py: bounded by the shapes, ~35 MB at most).
               Reads dout's rows, W2, b2, the weights and hidden (act_bwd), a and dout (dW2),
               dh and x (dW1), dh and W1 (dx).
 Kept for backward (``saved``): hidden and the routing's int32 vectors, besides x, the
@@ -118,8 +121,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _mma, _row_sum, _rows, _tokens
+from . import _common, expert_wgrad
+from ._rowtile import _acc, _act_and_grad, _cols, _grid2, _grouped, _mma, _row_sum, _rows, _tokens
 from .static_routing import padded_rows_bound, static_route
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -130,40 +133,22 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POISON_BUFFERS = False
 
 
-# Consecutive CTAs (the GPU starts them blockIdx.x fastest) walk GROUP row tiles for every
-# column tile before the next band of rows: the band's rows (gathered x, dout, a or dh) and the
-# column tiles' weights stay in L2 while a band is in flight, instead of every row being
-# re-read once per column tile when a sweep of all rows outgrows L2 (the "before" table of
-# bench/results/traffic-before.md: 1.2-2x the unique bytes at the scaled shapes, more at
-# full size). The grids keep their 2-D shape (rows on axis 0), each CTA remaps its id.
-# (A tl.constexpr: the GPU compiler takes no other Python global inside jitted code.)
-GROUP = tl.constexpr(8)
-
-# The row-tiled kernels (up, down, act_bwd) band inside one expert's row range (see
-# _expert_tiles): a band is BAND_BYTES of the row operand (x, dout: H wide; a, dh: F or 2F)
-# of one expert, swept column tile by column tile. Bands of GROUP tiles laid over the whole
-# padded range split an expert at every few band edges, and a split expert's weight tiles
-# were read once per band (w2 1.29-1.90x its bytes in the activation backward of
-# bench/results/traffic-after.md). 8 MiB: a sixth of an H100's 50 MB L2, the rest left to the
-# band's weight tiles, the outputs and other lines; at the Mixtral shape one band is one
-# expert's 1024 rows (x: 8 MiB), so W1[e] is read once. It orders the tiles, never changes a
-# result.
+# The row-tiled kernels (up, down, act_bwd) launch expert by expert, in bands inside one
+# expert's row range (see _expert_tiles): a band is BAND_BYTES of the row operand (x, dout: H
+# wide; a, dh: F or 2F) of one expert, swept column tile by column tile, so the band's rows
+# and the column tiles' weights stay in L2 while it is in flight instead of every row being
+# re-read once per column tile (bench/results/traffic-before.md). Bands of _rowtile.GROUP
+# tiles laid over the whole padded range split an expert at every few band edges, and a
+# split expert's weight tiles were read once per band (w2 1.29-1.90x its bytes in the
+# activation backward). 8 MiB: a sixth of an H100's 50 MB L2, the rest left to the band's
+# weight tiles, the outputs and other lines; at the Mixtral shape one band is one expert's
+# 1024 rows (x: 8 MiB), so W1[e] is read once. It orders the tiles, never changes a result.
 BAND_BYTES = 8 << 20
 
 
 def band_rows(row_bytes: int) -> int:
     """Rows of one band for a row operand of ``row_bytes`` per row (at least one)."""
     return max(BAND_BYTES // max(row_bytes, 1), 1)
-
-
-@triton.jit
-def _grouped(lin, n_rows, n_cols, GROUP):
-    """``(row tile, column tile)`` of the ``lin``-th CTA in launch order, in bands of GROUP
-    row tiles (the last band shorter), each band column-tile by column-tile."""
-    per_band = GROUP * n_cols
-    first = (lin // per_band) * GROUP
-    size = tl.minimum(n_rows - first, GROUP)
-    return first + (lin % per_band) % size, (lin % per_band) // size
 
 
 @triton.jit
@@ -386,68 +371,6 @@ def _act_bwd_kernel(dout_ptr, w2_ptr, b2_ptr, gw_ptr, h_ptr, dh_ptr, a_ptr, part
             tl.store(part_ptr + pid_n.to(tl.int64) * stride_pn + slot * stride_ps, part, mask=ok)
 
 
-@triton.jit
-def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, row_slots_ptr, expert_offsets_ptr,
-                  C, N, TOP_K,
-                  stride_lr, stride_lc, stride_st, stride_sn, stride_gt, stride_gj,
-                  stride_de, stride_dc, stride_dn, stride_ble, stride_blc, stride_bre, stride_brn,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  HAS_WEIGHTS: tl.constexpr, STORE_DW: tl.constexpr, SUM_L: tl.constexpr, SUM_R: tl.constexpr,
-                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    tiles_c = C // BLOCK_M
-    tiles_n = tl.num_programs(1)
-    # Expert by expert in launch order (one expert's rows of L and R, then the next's), and
-    # inside an expert in bands of GROUP column tiles of dW, so an expert's operands are read
-    # from HBM about once instead of once per tile of the other dimension.
-    lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    e = lin // (tiles_c * tiles_n)
-    tc, pid_n = _grouped(lin % (tiles_c * tiles_n), tiles_c, tiles_n, GROUP)
-    # int64: times the strides of x and dW, which strided views can make large.
-    cc = (tc * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    nn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    n_ok = nn < N
-    offs_r = tl.arange(0, BLOCK_K)
-    start = tl.load(expert_offsets_ptr + e)
-    end = tl.load(expert_offsets_ptr + e + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sum_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # Expert e's rows are one contiguous range, a multiple of b long (BLOCK_K | b). An empty
-    # expert runs no step and stores zeros. The slots of the next BLOCK_K rows are loaded one
-    # step ahead, so that the operand loads of a step depend on no load of the same step
-    # and the pipeliner can keep num_stages of them in flight.
-    nxt = start + offs_r
-    slots_next = tl.load(row_slots_ptr + nxt, mask=nxt < end, other=-1)
-    for r0 in range(start, end, BLOCK_K):
-        slots = slots_next
-        nxt = r0 + BLOCK_K + offs_r
-        slots_next = tl.load(row_slots_ptr + nxt, mask=nxt < end, other=-1)
-        ok = slots >= 0
-        slot, tok = _tokens(slots, ok, TOP_K)
-        # L is [T*k, C] by slot (h's gradient, or a): a padding row is a zero column of L^T.
-        l = tl.load(l_ptr + slot[None, :] * stride_lr + cc[:, None] * stride_lc, mask=ok[None, :], other=0.0)
-        r = tl.load(src_ptr + tok[:, None] * stride_st + nn[None, :] * stride_sn,
-                    mask=ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_WEIGHTS:
-            wv = tl.load(gw_ptr + tok * stride_gt + (slot - tok * TOP_K) * stride_gj, mask=ok, other=0.0)
-            r = (r.to(tl.float32) * wv.to(tl.float32)[:, None]).to(src_ptr.dtype.element_ty)
-        acc = _common.dot(l, r, acc, INTERPRET, INPUT_PRECISION)
-        if SUM_L:
-            sum_l += tl.sum(l.to(tl.float32), axis=1)
-        if SUM_R:
-            sum_r += tl.sum(r.to(tl.float32), axis=0)
-    e64 = e.to(tl.int64)
-    if STORE_DW:
-        tl.store(dw_ptr + e64 * stride_de + cc[:, None] * stride_dc + nn[None, :] * stride_dn,
-                 acc.to(dw_ptr.dtype.element_ty), mask=n_ok[None, :])
-    if SUM_L:
-        if pid_n == 0:
-            tl.store(dbl_ptr + e64 * stride_ble + cc * stride_blc, sum_l.to(dbl_ptr.dtype.element_ty))
-    if SUM_R:
-        if tc == 0:
-            tl.store(dbr_ptr + e64 * stride_bre + nn * stride_brn, sum_r.to(dbr_ptr.dtype.element_ty), mask=n_ok)
-
-
 # -- launchers ------------------------------------------------------------------------------
 
 # Column tiles of the up and activation-backward kernels, whose epilogues hold several fp32
@@ -668,28 +591,15 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
                                         (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
                                         hidden_size, ffn, min_warps=8))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
-        dw, db = (dw2 if dw2 is not None else w2), db2
-        _common.launch(
-            _wgrad_kernel,
-            lambda p: (num_experts * (ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"])),
-            a, dout, gw, dw, dw, db if db is not None else dw, row_slots, expert_offsets,
-            ffn, hidden_size, top_k,
-            a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), *_strides2(weights),
-            dw.stride(0), dw.stride(1), dw.stride(2), 0, 0, *_strides2(db),
-            HAS_WEIGHTS=weights is not None, STORE_DW=need_dw2, SUM_L=False, SUM_R=need_db2,
-            device=device, tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, ffn, hidden_size))
+        expert_wgrad.weight_grad(
+            a, dout, weights, dw2, None, db2, row_slots, expert_offsets, top_k=top_k, p_max=p_max,
+            block_size=block_size, poison=POISON_BUFFERS,
+            tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, ffn, hidden_size))
     if need_dw1 or need_db1:  # dW1 = dh^T x per expert; db1 = column sums of dh
-        dw, db = (dw1 if dw1 is not None else w1), db1
-        _common.launch(
-            _wgrad_kernel,
-            lambda p: (num_experts * (groups * ffn // p["BLOCK_M"]), triton.cdiv(hidden_size, p["BLOCK_N"])),
-            dh, x, x, dw, db if db is not None else dw, dw, row_slots, expert_offsets,
-            groups * ffn, hidden_size, top_k,
-            dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), 0, 0,
-            dw.stride(0), dw.stride(1), dw.stride(2), *_strides2(db), 0, 0,
-            HAS_WEIGHTS=False, STORE_DW=need_dw1, SUM_L=need_db1, SUM_R=False,
-            device=device, tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, groups * ffn,
-                                        hidden_size))
+        expert_wgrad.weight_grad(
+            dh, x, None, dw1, db1, None, row_slots, expert_offsets, top_k=top_k, p_max=p_max,
+            block_size=block_size, poison=POISON_BUFFERS,
+            tiles=_tiles("wgrad", dtype, block_size, (cols, 0, block_size), slots, groups * ffn, hidden_size))
     if need_dx:  # dx rows by slot = dh @ W1[e]; a is dead by now, its scratch takes them
         rows = dx if top_k == 1 else scratch[:slot_rows * hidden_size].view(slot_rows, hidden_size)
         _common.launch(
