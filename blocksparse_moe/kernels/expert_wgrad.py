@@ -180,27 +180,28 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, ws_ptr, wsl_
         e, j, n_e, part = _chunk_of(chunk_slot, expert_offsets_ptr, NUM_EXPERTS, CHUNK, EXPERTS_P2)
         to_ws = (e < NUM_EXPERTS) & (n_e > 1)
         direct = (e < NUM_EXPERTS) & (n_e <= 1)  # one chunk, or none (an empty expert stores zeros)
-        if to_ws:  # a chunk of a split expert: its fp32 partial, summed by _wgrad_sum_kernel
-            if STORE_DW:
+        if STORE_DW:
+            if to_ws:  # a chunk of a split expert: its fp32 partial, summed by _wgrad_sum_kernel
                 tl.store(ws_ptr + part * stride_pp + cc[:, None] * stride_pc + nn[None, :] * stride_pn, acc,
                          mask=n_ok[None, :])
-            if SUM_L:
-                if pid_n == 0:
-                    tl.store(wsl_ptr + part * stride_plp + cc * stride_plc, sum_l)
-            if SUM_R:
-                if tc == 0:
-                    tl.store(wsr_ptr + part * stride_prp + nn * stride_prn, sum_r, mask=n_ok)
-        elif direct:
-            e64 = e.to(tl.int64)
-            if STORE_DW:
-                tl.store(dw_ptr + e64 * stride_de + cc[:, None] * stride_dc + nn[None, :] * stride_dn,
+            elif direct:
+                tl.store(dw_ptr + e.to(tl.int64) * stride_de + cc[:, None] * stride_dc + nn[None, :] * stride_dn,
                          acc.to(dw_ptr.dtype.element_ty), mask=n_ok[None, :])
-            if SUM_L:
-                if pid_n == 0:
-                    tl.store(dbl_ptr + e64 * stride_ble + cc * stride_blc, sum_l.to(dbl_ptr.dtype.element_ty))
-            if SUM_R:
-                if tc == 0:
-                    tl.store(dbr_ptr + e64 * stride_bre + nn * stride_brn, sum_r.to(dbr_ptr.dtype.element_ty), mask=n_ok)
+        # The bias sums: one masked store to each destination, not a store in each branch of
+        # an if: with the loop's row sum used in two branches, Triton 3.6's
+        # OptimizeThreadLocality pass aborted (sm_90, TF32, 4 warps, 4 stages). The masks are
+        # tl.where, not `tensor & scalar`: the interpreter rejects that mask's dtype.
+        e_db = tl.where(direct, e, 0).to(tl.int64)
+        if SUM_L:
+            if pid_n == 0:
+                tl.store(wsl_ptr + part * stride_plp + cc * stride_plc, sum_l, mask=tl.where(to_ws, cc >= 0, False))
+                tl.store(dbl_ptr + e_db * stride_ble + cc * stride_blc, sum_l.to(dbl_ptr.dtype.element_ty),
+                         mask=tl.where(direct, cc >= 0, False))
+        if SUM_R:
+            if tc == 0:
+                tl.store(wsr_ptr + part * stride_prp + nn * stride_prn, sum_r, mask=tl.where(to_ws, n_ok, False))
+                tl.store(dbr_ptr + e_db * stride_bre + nn * stride_brn, sum_r.to(dbr_ptr.dtype.element_ty),
+                         mask=tl.where(direct, n_ok, False))
     else:
         e64 = e.to(tl.int64)
         if STORE_DW:
