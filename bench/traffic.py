@@ -537,6 +537,13 @@ class ExpertShape:
     # an operand re-read once per grid column is re-read 1/column_scale times as often at
     # full size.
     column_scale: float = 1.0
+    # Factor of T and E (rows per expert kept).
+    row_scale: float = 1.0
+
+    def full_size(self) -> Tuple[int, int, int, int]:
+        """``(T, H, F, E)`` of the full-size layer."""
+        return (round(self.tokens / self.row_scale), round(self.hidden / self.column_scale),
+                round(self.ffn / self.column_scale), round(self.experts / self.row_scale))
 
 
 # Why these scalings. Reuse in L2 is decided per *sweep*: the programs of one column of the
@@ -560,7 +567,8 @@ class ExpertShape:
 SHAPES: Dict[str, ExpertShape] = {
     "qwen3": ExpertShape("qwen3", 512, 512, 192, 16, 8, 64,
                          "Qwen3-30B-A3B: T=4096 H=2048 F=768 E=128 k=8 b=64", 1 / 8, 1 / 32, 1 / 128,
-                         "T, E / 8 and H, F / 4; SMs / 8, L2 / 32 (alt: / 128, the working set's factor)", 1 / 4),
+                         "T, E / 8 and H, F / 4; SMs / 8, L2 / 32 (alt: / 128, the working set's factor)", 1 / 4,
+                         1 / 8),
     "mixtral": ExpertShape("mixtral", 4096, 256, 896, 8, 2, 128,
                            "Mixtral-like: T=4096 H=4096 F=14336 E=8 k=2 b=128", 1.0, 1 / 16, 1 / 256,
                            "H, F / 16; SMs kept, L2 / 16 (alt: / 256, the working set's factor)", 1 / 16),
@@ -588,17 +596,27 @@ def _name_operands(launches: Sequence[Launch], known: Dict[str, Optional[torch.T
 
 
 @contextlib.contextmanager
-def _full_size_bands(shape: ExpertShape) -> Iterator[None]:
-    """The fused kernels' row bands (``experts.BAND_BYTES`` of a row operand H or F wide)
-    hold as many rows as at full size: their bytes scale with H and F."""
+def _full_size_schedule(shape: ExpertShape) -> Iterator[None]:
+    """Tile schedules as at full size: the fused kernels' row bands (``experts.BAND_BYTES`` of
+    a row operand H or F wide) hold as many rows as at full size (their bytes scale with H
+    and F), and the weight gradient cuts an expert's rows into chunks only where the
+    full-size layer would (``expert_wgrad.SPLIT_ROWS``: the full-size chunk length, in rows,
+    which a scaled layer's rows per expert compare with directly)."""
+    from blocksparse_moe.kernels import expert_wgrad
     from blocksparse_moe.kernels import experts as fused
+    from blocksparse_moe.kernels.static_routing import padded_rows_bound
 
-    saved = fused.BAND_BYTES
-    fused.BAND_BYTES = int(saved * shape.column_scale)
+    t, h, f, e = shape.full_size()
+    b = shape.block_size
+    p_full = padded_rows_bound(t, shape.top_k, e, b)
+    chunk = min(expert_wgrad.chunk_rows(p_full, c, h, b) for c in (f, 2 * f))
+    saved = fused.BAND_BYTES, expert_wgrad.SPLIT_ROWS
+    fused.BAND_BYTES = int(saved[0] * shape.column_scale)
+    expert_wgrad.SPLIT_ROWS = chunk
     try:
         yield
     finally:
-        fused.BAND_BYTES = saved
+        fused.BAND_BYTES, expert_wgrad.SPLIT_ROWS = saved
 
 
 def run_experts(shape: ExpertShape, *, select: int = 0, seed: int = 0) -> Dict[str, List[Launch]]:
@@ -618,7 +636,7 @@ def run_experts(shape: ExpertShape, *, select: int = 0, seed: int = 0) -> Dict[s
     w2 = (torch.randn(e, f, h, generator=gen) * f ** -0.5).to(dt)
     dout = torch.randn(t, h, generator=gen).to(dt)
     common = dict(num_experts=e, act="silu", glu=True, block_size=shape.block_size)
-    with gpu_configs((9, 0), select), _full_size_bands(shape):
+    with gpu_configs((9, 0), select), _full_size_schedule(shape):
         with record_traffic() as fwd:
             out, saved = experts_forward(x, expert_indices, weights, w1, w2, None, None, **common)
         known = dict(x=x, expert_indices=expert_indices, weights=weights, w1=w1, w2=w2, out=out, hidden=saved[0],
