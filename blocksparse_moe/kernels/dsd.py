@@ -16,9 +16,10 @@ column by column: block rows of S^T and their block columns), and the block sits
 both: the launcher passes the metadata and the strides of the form it runs.
 
 A grouped b needs R to be a multiple of b, so the b rows of B that one stored block meets
-lie in one group: one integer division per block, ``g = row0 // R``, then B is addressed
-``g*stride_g + (row0 - g*R + r)*stride_k + n*stride_n``. A 2-D b is the case G = 1 (R = K,
-stride_g unused): one kernel serves both.
+lie in one group: one 32-bit integer division per block on its int32 block column,
+``g = block_col // (R/b)``, then B is addressed ``g*stride_g + ((block_col - g*R/b)*b + r)*stride_k
++ n*stride_n`` (products in int64). A 2-D b is the case G = 1 (R = K, stride_g unused): one
+kernel serves both.
 
 Grid: (block rows of out x BLOCK_M tiles, N / BLOCK_N). Each program owns one output tile,
 walks the stored blocks of its block row and, inside each, K in BLOCK_K steps (one flat
@@ -44,7 +45,7 @@ from . import _common
 
 @triton.jit
 def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block_index_ptr,
-                N, GROUP_ROWS,
+                N, GROUP_BLOCKS,
                 stride_dn, stride_dm, stride_dk, stride_bg, stride_bk, stride_bn, stride_om, stride_on,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HAS_BLOCK_INDEX: tl.constexpr, SWAP: tl.constexpr,
@@ -75,7 +76,10 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
     # issuing that tile num_stages - 1 iterations ahead (it ran two buffers deep whatever
     # num_stages said). Reloaded every step (an L1 hit inside a block) to stay branch-free.
     has = start < end
-    block_col = tl.load(block_cols_ptr + start, mask=has, other=0).to(tl.int64)
+    # int32: the block column only enters the 32-bit division by GROUP_BLOCKS below (a 64-bit
+    # division by a runtime value is a ptxas subroutine: it made the transposed 32-row tile
+    # spill on sm_80, 16 bytes under Triton 3.6, 8 under 3.9); what multiplies a stride is int64.
+    block_col = tl.load(block_cols_ptr + start, mask=has, other=0)
     if HAS_BLOCK_INDEX:
         d = tl.load(block_index_ptr + start, mask=has, other=0).to(tl.int64)
     else:
@@ -84,10 +88,9 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
         kk = (j % KT) * BLOCK_K + offs_k
         s = tl.load(data_ptr + d * stride_dn + in_m[:, None] * stride_dm + kk[None, :] * stride_dk)
         # The group of B holding this block's rows, and the rows inside it.
-        row0 = block_col * BLOCK
-        group = row0 // GROUP_ROWS
-        rows_b = (row0 - group * GROUP_ROWS) + kk
-        b = tl.load(b_ptr + group * stride_bg + rows_b[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        group = block_col // GROUP_BLOCKS
+        rows_b = (block_col - group * GROUP_BLOCKS).to(tl.int64) * BLOCK + kk
+        b = tl.load(b_ptr + group.to(tl.int64) * stride_bg + rows_b[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=n_ok[None, :], other=0.0)
         if SWAP:
             acc = _common.dot(tl.trans(b), tl.trans(s), acc, INTERPRET, INPUT_PRECISION)
@@ -95,7 +98,7 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_offsets_ptr, block_cols_ptr, block
             acc = _common.dot(s, b, acc, INTERPRET, INPUT_PRECISION)
         i_next = (j + 1) // KT
         has = i_next < end
-        block_col = tl.load(block_cols_ptr + i_next, mask=has, other=0).to(tl.int64)
+        block_col = tl.load(block_cols_ptr + i_next, mask=has, other=0)
         if HAS_BLOCK_INDEX:
             d = tl.load(block_index_ptr + i_next, mask=has, other=0).to(tl.int64)
         else:
@@ -160,7 +163,7 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     _common.launch(
         _dsd_kernel, grid,
         data, b, out, row_offsets, block_cols, block_index,
-        n, group_rows,
+        n, max(group_rows // bs, 1),  # GROUP_BLOCKS: block rows per group, < 2^31 (int32 indices)
         data.stride(0), stride_dm, stride_dk, bg, b.stride(-2), b.stride(-1), out.stride(0), out.stride(1),
         device=data.device, tiles=tiles, BLOCK=bs, HAS_BLOCK_INDEX=block_index is not None, SWAP=swap,
     )

@@ -14,7 +14,8 @@
 Reads ``row_indices`` and ``column_indices`` (the COO view) only. M and N are multiples of
 b (the topology's shape); K is any size (masked). A grouped b needs C to be a multiple of
 b, so a block column never straddles two groups: its group is one integer division per
-program, ``g = col0 // C``, and B is addressed ``g*stride_g + k*stride_k + (col0 - g*C + c)*stride_c``.
+program, 32-bit on the int32 block column, ``g = block_col // (C/b)``, and B is addressed
+``g*stride_g + k*stride_k + ((block_col - g*C/b)*b + c)*stride_c`` (products in int64).
 A 2-D b is the case G = 1 (C = N, stride_g unused): one kernel serves both.
 
 Grid: one program per (stored block, BLOCK_M x BLOCK_N tile of it), tiles of one block
@@ -44,7 +45,7 @@ _MERGE_BELOW = 64
 
 @triton.jit
 def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_rows_ptr,
-                K, GROUP_COLS,
+                K, GROUP_BLOCKS,
                 stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_on, stride_or, stride_oc,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HAS_A_ROWS: tl.constexpr, EPILOGUE: tl.constexpr,
@@ -58,16 +59,17 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
     tn = tile % TILES_N
 
     block_row = tl.load(row_indices_ptr + n).to(tl.int64)
-    block_col = tl.load(column_indices_ptr + n).to(tl.int64)
+    # int32: the block column only enters the 32-bit division by GROUP_BLOCKS (a 64-bit
+    # division by a runtime value is a ptxas subroutine that costs registers and stack).
+    block_col = tl.load(column_indices_ptr + n)
     in_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)  # rows / cols inside the block
     in_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = block_row * BLOCK + in_m
     offs_k = tl.arange(0, BLOCK_K)
-    # The block column's group of B (constant over the block: GROUP_COLS is a multiple of
-    # BLOCK) and its columns inside that group.
-    col0 = block_col * BLOCK
-    group = col0 // GROUP_COLS
-    offs_c = (col0 - group * GROUP_COLS) + in_n
+    # The block column's group of B (GROUP_BLOCKS block columns each) and its columns inside
+    # that group.
+    group = block_col // GROUP_BLOCKS
+    offs_c = (block_col - group * GROUP_BLOCKS).to(tl.int64) * BLOCK + in_n
 
     if HAS_A_ROWS:
         rows = tl.load(a_rows_ptr + offs_m).to(tl.int64)
@@ -77,7 +79,7 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
         rows = offs_m
         row_ok = offs_m >= 0
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + group * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
+    b_ptrs = b_ptr + group.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -95,7 +97,7 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_ro
 
 @triton.jit
 def _sdd_merged_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, a_rows_ptr,
-                       K, NNZ, GROUP_COLS,
+                       K, NNZ, GROUP_BLOCKS,
                        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_on, stride_or, stride_oc,
                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        HAS_A_ROWS: tl.constexpr, EPILOGUE: tl.constexpr,
@@ -110,11 +112,12 @@ def _sdd_merged_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_pt
     G: tl.constexpr = BLOCK_N // BLOCK
     n0 = tl.program_id(0).to(tl.int64) * G
     last = tl.minimum(n0 + G - 1, NNZ - 1)
-    col_first = tl.load(column_indices_ptr + n0).to(tl.int64)
-    col_last = tl.load(column_indices_ptr + last).to(tl.int64)
+    # Block columns stay int32: they only enter 32-bit divisions by GROUP_BLOCKS (see _sdd_kernel).
+    col_first = tl.load(column_indices_ptr + n0)
+    col_last = tl.load(column_indices_ptr + last)
     fused = ((tl.load(row_indices_ptr + n0) == tl.load(row_indices_ptr + last))
              & (col_last - col_first == last - n0)
-             & ((col_first * BLOCK) // GROUP_COLS == (col_last * BLOCK) // GROUP_COLS))
+             & (col_first // GROUP_BLOCKS == col_last // GROUP_BLOCKS))
     count = last - n0 + 1
     trips = tl.where(fused, 1, count)
     c = tl.arange(0, BLOCK_N)  # tile column: block n0 + c // BLOCK, column c % BLOCK inside it
@@ -126,11 +129,11 @@ def _sdd_merged_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_pt
         hi = tl.where(fused, count - 1, t)
         c_ok = (sub >= lo) & (sub <= hi)
         block_row = tl.load(row_indices_ptr + n0 + lo).to(tl.int64)
-        block_col = tl.load(column_indices_ptr + n0 + lo).to(tl.int64)
-        group = (block_col * BLOCK) // GROUP_COLS
+        block_col = tl.load(column_indices_ptr + n0 + lo)
+        group = block_col // GROUP_BLOCKS
         # Tile column c is B's column (block_col - lo) * BLOCK + c: one arange, so loads of a
         # column-contiguous B stay vectorized.
-        offs_c = ((block_col - lo) * BLOCK - group * GROUP_COLS) + c
+        offs_c = (block_col - lo - group * GROUP_BLOCKS).to(tl.int64) * BLOCK + c
         offs_m = block_row * BLOCK + in_m
         if HAS_A_ROWS:
             rows = tl.load(a_rows_ptr + offs_m).to(tl.int64)
@@ -140,7 +143,7 @@ def _sdd_merged_kernel(a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_pt
             rows = offs_m
             row_ok = offs_m >= 0
         a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + group * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
+        b_ptrs = b_ptr + group.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk + offs_c[None, :] * stride_bn
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
@@ -173,6 +176,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
     m = (offsets.numel() - 1) * block_size
     n = (offsets_t.numel() - 1) * block_size
     bg, group_cols = grouped_cols("sdd", b, n, block_size)
+    group_blocks = max(group_cols // block_size, 1)  # GROUP_BLOCKS, < 2^31 (int32 block indices)
     if a.dim() != 2 or b.shape[-2] != a.shape[1] or b.dtype != a.dtype:
         raise ValueError(f"sdd: expected a [*, K] and b [K, {n}] (or [G, K, {n}/G]) of one dtype, got a {a.dtype} "
                          f"{tuple(a.shape)} and b {b.dtype} {tuple(b.shape)}")
@@ -199,13 +203,13 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_indi
         def grid(p):
             return (triton.cdiv(nnz, p["BLOCK_N"] // block_size),)
 
-        _common.launch(_sdd_merged_kernel, grid, *args, nnz, group_cols, *strides, device=a.device,
+        _common.launch(_sdd_merged_kernel, grid, *args, nnz, group_blocks, *strides, device=a.device,
                        tiles=_common.Tiles("m", block_size, a.dtype, key), **constexprs)
         return out
 
     def grid(p):
         return (nnz * (block_size // p["BLOCK_M"]) * (block_size // p["BLOCK_N"]),)
 
-    _common.launch(_sdd_kernel, grid, *args, group_cols, *strides, device=a.device,
+    _common.launch(_sdd_kernel, grid, *args, group_blocks, *strides, device=a.device,
                    tiles=_common.Tiles("mn", block_size, a.dtype, key), **constexprs)
     return out
