@@ -85,3 +85,18 @@ def test_autotuner_otherwise(monkeypatch):
     tiles = _common.Tiles("", 64, torch.bfloat16, key=("t",), caps=(64, 64, 0))
     runner, meta = _common._runner(k, tiles, torch.device("cuda", 0), "ieee")
     assert meta == {} and runner is not k and len(_common._TUNED) == 1
+
+
+def test_fma_bounds_raise_only_the_true_fp32_configs():
+    kw = dict(capability=(9, 0), caps=(64, 32, 0))
+    plain = _common.tile_configs(64, "", dtype=torch.float32, **kw)
+    raised = _common.tile_configs(64, "", dtype=torch.float32, fma=(32, 8), **kw)
+    assert min(c["BLOCK_K"] for c in plain) == 16 and min(c["num_warps"] for c in plain) == 4
+    assert all(c["BLOCK_K"] >= 32 and c["num_warps"] >= 8 for c in raised)
+    # TF32 and half precision run on the tensor cores: their configs are left alone.
+    for dtype, tf32 in ((torch.float32, True), (torch.bfloat16, False)):
+        assert (_common.tile_configs(64, "", dtype=dtype, tf32=tf32, fma=(32, 8), **kw)
+                == _common.tile_configs(64, "", dtype=dtype, tf32=tf32, **kw))
+    # A cap on BLOCK_K still wins (a K step must divide what the cap says).
+    capped = _common.tile_configs(64, "", dtype=torch.float32, capability=(9, 0), caps=(64, 32, 16), fma=(32, 0))
+    assert all(c["BLOCK_K"] == 16 for c in capped)

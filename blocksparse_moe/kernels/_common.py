@@ -180,12 +180,14 @@ def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str,
 def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *, min_warps: int = 1,
                  dtype: torch.dtype = torch.bfloat16, tf32: bool = False,
                  capability: Optional[Tuple[int, int]] = None,
-                 caps: Tuple[int, int, int] = (0, 0, 0)) -> List[Dict[str, int]]:
+                 caps: Tuple[int, int, int] = (0, 0, 0), fma: Tuple[int, int] = (0, 0)) -> List[Dict[str, int]]:
     """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b.
 
     ``caps`` bounds ``(BLOCK_M, BLOCK_N, BLOCK_K)`` each on its own (0: no bound): for
     kernels whose tile sizes must divide different things (the fused expert path's row tile
-    divides the row padding ``b``, its column tiles divide ``F``).
+    divides the row padding ``b``, its column tiles divide ``F``). ``fma`` raises the true-fp32
+    configs (CUDA-core FMAs, operand class "fp32") to at least ``(BLOCK_K, num_warps)``
+    (0: no bound), for a kernel whose fp32 variants ptxas otherwise spills.
 
     With ``capability`` (e.g. ``(9, 0)``) the answer is the list for that target, computed
     without a GPU (the compile test asks this for sm_80/sm_90/sm_100). Otherwise it is for
@@ -201,6 +203,9 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
     for cfg in _CONFIGS[(config_family(capability, cls), cls)]:
         c = _clip(cfg, block_size, split, caps)
         c["num_warps"] = max(c["num_warps"], min_warps)
+        if cls == "fp32":
+            c["BLOCK_K"] = max(c["BLOCK_K"], min(fma[0], caps[2] or fma[0]))
+            c["num_warps"] = max(c["num_warps"], fma[1])
         if c not in out:  # clipping to a small b makes several entries equal
             out.append(c)
     return out
@@ -240,6 +245,8 @@ class Tiles:
     min_warps: int = 1
     # Per-size bounds (BLOCK_M, BLOCK_N, BLOCK_K), 0 = none: see tile_configs.
     caps: Tuple[int, int, int] = (0, 0, 0)
+    # Lower bounds (BLOCK_K, num_warps) of the true-fp32 configs only, 0 = none: see tile_configs.
+    fma: Tuple[int, int] = (0, 0)
 
     def constexprs(self) -> Dict[str, object]:
         """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
@@ -253,7 +260,7 @@ class Tiles:
         for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
             precision = "tf32" if tf32 else "ieee"
             for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability,
-                                    min_warps=self.min_warps, caps=self.caps):
+                                    min_warps=self.min_warps, caps=self.caps, fma=self.fma):
                 out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
 
@@ -265,7 +272,7 @@ def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple
     """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
     launch's key over the target's candidates (built on first use, then reused)."""
     configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
-                           min_warps=tiles.min_warps, caps=tiles.caps)
+                           min_warps=tiles.min_warps, caps=tiles.caps, fma=tiles.fma)
     if len(configs) == 1 or torch.are_deterministic_algorithms_enabled():
         # Deterministic mode: the tiles come from the table (its first entry), not from a
         # timing run, so two processes or two ranks compute with the same tiles and give
@@ -315,7 +322,7 @@ def tuned_picks() -> List[Dict[str, object]]:
                 "kernel": _kernel_name(kernel), "capability": list(capability), "precision": precision,
                 "tiles": {"split": tiles.split, "block_size": tiles.block_size,
                           "dtype": str(tiles.dtype).replace("torch.", ""), "key": _untuple(tiles.key),
-                          "min_warps": tiles.min_warps, "caps": list(tiles.caps)},
+                          "min_warps": tiles.min_warps, "caps": list(tiles.caps), "fma": list(tiles.fma)},
                 "call_key": _untuple(key),
                 "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
     return out
@@ -336,7 +343,7 @@ def restore_picks(picks: List[Dict[str, object]]) -> int:
             kernel = getattr(importlib.import_module(module), name) if module.startswith("blocksparse_moe.") else None
             t = p["tiles"]
             tiles = Tiles(t["split"], int(t["block_size"]), getattr(torch, t["dtype"]), key=_retuple(t["key"]),
-                          min_warps=int(t["min_warps"]), caps=tuple(t["caps"]))
+                          min_warps=int(t["min_warps"]), caps=tuple(t["caps"]), fma=tuple(t.get("fma", (0, 0))))
             capability = tuple(int(c) for c in p["capability"])
             precision, config, call_key = p["precision"], dict(p["config"]), _retuple(p["call_key"])
         except (KeyError, TypeError, AttributeError, ImportError, ValueError) as e:
@@ -344,7 +351,7 @@ def restore_picks(picks: List[Dict[str, object]]) -> int:
         if kernel is None or not hasattr(kernel, "run"):
             raise ValueError(f"picks[{i}]: kernel {p['kernel']!r} is not a Triton kernel of blocksparse_moe")
         configs = tile_configs(tiles.block_size, tiles.split, dtype=tiles.dtype, tf32=precision == "tf32",
-                               capability=capability, min_warps=tiles.min_warps, caps=tiles.caps)
+                               capability=capability, min_warps=tiles.min_warps, caps=tiles.caps, fma=tiles.fma)
         if config not in configs:
             raise ValueError(f"picks[{i}]: config {config} of {p['kernel']} is not among this version's "
                              f"candidates for sm_{capability[0]}{capability[1]}: {configs}")

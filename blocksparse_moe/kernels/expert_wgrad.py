@@ -343,7 +343,10 @@ def weight_grad(left: torch.Tensor, src: torch.Tensor, weights: Optional[torch.T
         # second epilogue (the fp32 partial) leave fewer registers to the pipeline's tiles in
         # flight, and at BLOCK_K = 64 ptxas spilled 16 bytes (sm_100, 128x64x64 on 4 warps,
         # Triton 3.6); at 32 every config compiles without (tests/test_compile_targets.py).
-        tiles = dataclasses.replace(tiles, caps=(tiles.caps[0], tiles.caps[1], min(tiles.caps[2] or 32, 32)))
+        # Its true-fp32 (CUDA-core) configs take 8 warps: on 4, the sm_90 64x64x16 tile spilled
+        # 8 bytes under Triton 3.6 (255 registers with router weights).
+        tiles = dataclasses.replace(tiles, caps=(tiles.caps[0], tiles.caps[1], min(tiles.caps[2] or 32, 32)),
+                                    fma=(tiles.fma[0], max(tiles.fma[1], 8)))
     _common.launch(
         _wgrad_kernel,
         lambda p: ((num_experts + extra) * (cols // p["BLOCK_M"]), triton.cdiv(n, p["BLOCK_N"])),

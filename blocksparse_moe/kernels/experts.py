@@ -397,7 +397,7 @@ def col_tile(ffn: int) -> int:
 
 
 def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int, int], slots: int, *sizes: int,
-           min_warps: int = 1) -> _common.Tiles:
+           min_warps: int = 1, fma: Tuple[int, int] = (0, 0)) -> _common.Tiles:
     """The launch plan of one kernel use. ``caps`` bounds ``(BLOCK_M, BLOCK_N, BLOCK_K)``: a row
     tile never straddles two experts, so the size along rows divides the row padding ``b``;
     sizes along F divide :func:`col_tile`; sizes along H are masked and free.
@@ -407,13 +407,16 @@ def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int,
     registers on sm_90 with 64 fp32 elements per thread per tile (128x128 on 8 warps, 128x64
     on 4). ``min_warps=8`` for both: at 4 warps they spill on sm_80/sm_100 and in fp32 (the
     up kernel's fp32 64x32 tile by 8 bytes under Triton 3.6, its epilogue making a), and in
-    fp32 both take 32 columns (``_EPILOGUE_COLS``).
+    fp32 both take 32 columns (``_EPILOGUE_COLS``). ``fma`` bounds the true-fp32 (CUDA-core)
+    configs from below: the activation backward's take K steps of 32 (``fma=(32, 0)``), as
+    with 16 ptxas kept three of its sm_90 variants at 64-80 registers by spilling 8 bytes
+    (Triton 3.6).
 
     The autotune key is the use's name, the token-count class of the call
     (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
     """
     key = (name, _common.token_class(slots), *(_common.bucket(n) for n in sizes))
-    return _common.Tiles("", block_size, dtype, key=key, min_warps=min_warps, caps=caps)
+    return _common.Tiles("", block_size, dtype, key=key, min_warps=min_warps, caps=caps, fma=fma)
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -589,7 +592,7 @@ def experts_backward(dout: torch.Tensor, saved: List[torch.Tensor], x: torch.Ten
             DWEIGHTS=need_dwt, STORE_A=need_a, STORE_DH=need_dh, PART=cols,
             device=device, tiles=_tiles("act-bwd", dtype, block_size,
                                         (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
-                                        hidden_size, ffn, min_warps=8))
+                                        hidden_size, ffn, min_warps=8, fma=(32, 0)))
     if need_a:  # dW2 = a^T (w * dout) per expert; db2 = column sums of w * dout
         expert_wgrad.weight_grad(
             a, dout, weights, dw2, None, db2, row_slots, expert_offsets, top_k=top_k, p_max=p_max,
