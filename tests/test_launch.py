@@ -100,3 +100,6 @@ def test_fma_bounds_raise_only_the_true_fp32_configs():
     # A cap on BLOCK_K still wins (a K step must divide what the cap says).
     capped = _common.tile_configs(64, "", dtype=torch.float32, capability=(9, 0), caps=(64, 32, 16), fma=(32, 0))
     assert all(c["BLOCK_K"] == 16 for c in capped)
+    # Nor past the row padding when BLOCK_K splits the b x b blocks ("k" in split).
+    split_k = _common.tile_configs(16, "k", dtype=torch.float32, capability=(9, 0), fma=(32, 0))
+    assert all(c["BLOCK_K"] == 16 for c in split_k)

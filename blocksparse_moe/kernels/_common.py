@@ -203,8 +203,9 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
     for cfg in _CONFIGS[(config_family(capability, cls), cls)]:
         c = _clip(cfg, block_size, split, caps)
         c["num_warps"] = max(c["num_warps"], min_warps)
-        if cls == "fp32":
-            c["BLOCK_K"] = max(c["BLOCK_K"], min(fma[0], caps[2] or fma[0]))
+        if cls == "fp32":  # never past what BLOCK_K must divide (b with a "k" split, its cap)
+            k_limit = min(block_size if "k" in split else fma[0], caps[2] or fma[0])
+            c["BLOCK_K"] = max(c["BLOCK_K"], min(fma[0], k_limit))
             c["num_warps"] = max(c["num_warps"], fma[1])
         if c not in out:  # clipping to a small b makes several entries equal
             out.append(c)

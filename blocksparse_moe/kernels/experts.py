@@ -408,9 +408,8 @@ def _tiles(name: str, dtype: torch.dtype, block_size: int, caps: Tuple[int, int,
     on 4). ``min_warps=8`` for both: at 4 warps they spill on sm_80/sm_100 and in fp32 (the
     up kernel's fp32 64x32 tile by 8 bytes under Triton 3.6, its epilogue making a), and in
     fp32 both take 32 columns (``_EPILOGUE_COLS``). ``fma`` bounds the true-fp32 (CUDA-core)
-    configs from below: the activation backward's take K steps of 32 (``fma=(32, 0)``), as
-    with 16 ptxas kept three of its sm_90 variants at 64-80 registers by spilling 8 bytes
-    (Triton 3.6).
+    configs from below: both take K steps of 32 (``fma=(32, 0)``), as with 16 ptxas kept
+    some sm_90 variants of each at 64-80 registers by spilling 8 bytes (Triton 3.6 and 3.9).
 
     The autotune key is the use's name, the token-count class of the call
     (:func:`_common.token_class`) and the size buckets, so decode and prefill tune apart.
@@ -508,7 +507,7 @@ def experts_forward(x: torch.Tensor, expert_indices: torch.Tensor, weights: Opti
         *(hidden.stride() if keep else a.stride()), a.stride(0), a.stride(1),
         device=device, tiles=_tiles("up", dtype, block_size,
                                     (min(block_size, 64), min(cols, _EPILOGUE_COLS[dtype]), 0), slots,
-                                    hidden_size, ffn, min_warps=8),
+                                    hidden_size, ffn, min_warps=8, fma=(32, 0)),
         BLOCK=block_size, GLU=glu, HAS_BIAS=b1 is not None, ACT=code, STORE_H=keep, STORE_A=True,
         SWAP=swap_rows(block_size), E_POW2=triton.next_power_of_2(num_experts))
     # y = w * (a @ W2 + b2), each row to its slot.
