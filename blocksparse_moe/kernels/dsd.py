@@ -151,8 +151,11 @@ def dsd(data: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, column_i
     # Autotune key: S or S^T (the backward's dW products walk S^T: long reductions over the
     # tokens of one expert), which operands are transposed views (dds runs here on a.t() and
     # out.t()), and the three sizes, bucketed (next power of two).
+    # fma: true fp32 (CUDA-core FMAs) on 8 warps at least; the table's 64x64x16 on 4 spilled 8
+    # bytes at b = 64 (sm_90, Triton 3.9).
     tiles = _common.Tiles("mk", bs, data.dtype, key=(
-        transposed, b.stride(-1) == 1, out.stride(1) == 1, _common.bucket(m), _common.bucket(n), _common.bucket(k)))
+        transposed, b.stride(-1) == 1, out.stride(1) == 1, _common.bucket(m), _common.bucket(n), _common.bucket(k)),
+        fma=(0, 8))
     # Blocks under 64 rows give tiles under the 64 rows a Hopper warpgroup MMA (wgmma) needs;
     # computing the tile transposed, out^T = B^T @ S^T, puts BLOCK_N (>= 64) in the MMA's M.
     swap = bs < 64
