@@ -23,10 +23,12 @@ launches have another key) and tunes as usual. Deterministic mode ignores them t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from typing import Union
+from typing import Dict, List, Union
 
+import torch
 import triton
 
 from .kernels import _common
@@ -36,10 +38,73 @@ _FORMAT = "blocksparse_moe-tuning-1"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _untuple(v):
+    return [_untuple(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _retuple(v):
+    return tuple(_retuple(x) for x in v) if isinstance(v, list) else v
+
+
+def _tuned_picks() -> List[Dict[str, object]]:
+    """Every pick the autotuners of this process have made, JSON-ready: per pick the
+    kernel, the target, the launch's :class:`Tiles`, the input precision, Triton's key of
+    the call (its tensors' dtypes) and the config it chose."""
+    out = []
+    for (kernel, capability, tiles, precision), tuner in _common._TUNED.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out.append({
+                "kernel": _kernel_name(kernel), "capability": list(capability), "precision": precision,
+                "tiles": {"split": tiles.split, "block_size": tiles.block_size,
+                          "dtype": str(tiles.dtype).replace("torch.", ""), "key": _untuple(tiles.key),
+                          "min_warps": tiles.min_warps, "caps": list(tiles.caps), "fma": list(tiles.fma)},
+                "call_key": _untuple(key),
+                "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
+    return out
+
+
+def _restore_picks(picks: List[Dict[str, object]]) -> int:
+    """Give the autotuners the ``picks`` of :func:`_tuned_picks` (from another process or
+    rank): a launch with the same kernel, target, tiles and call key then runs the saved
+    config without timing anything. Returns how many were restored. Raises ``ValueError``
+    (before changing anything) for a kernel not in this package, or a config that is not
+    one of that launch's candidates here (saved by another version of the tables)."""
+    staged = []
+    for i, p in enumerate(picks):
+        try:
+            module, _, name = str(p["kernel"]).partition(":")
+            kernel = getattr(importlib.import_module(module), name) if module.startswith("blocksparse_moe.") else None
+            t = p["tiles"]
+            tiles = _common.Tiles(t["split"], int(t["block_size"]), getattr(torch, t["dtype"]),
+                                  key=_retuple(t["key"]), min_warps=int(t["min_warps"]), caps=tuple(t["caps"]),
+                                  fma=tuple(t.get("fma", (0, 0))))
+            capability = tuple(int(c) for c in p["capability"])
+            precision, config, call_key = p["precision"], dict(p["config"]), _retuple(p["call_key"])
+        except (KeyError, TypeError, AttributeError, ImportError, ValueError) as e:
+            raise ValueError(f"picks[{i}]: not a saved autotune pick ({type(e).__name__}: {e})") from None
+        if kernel is None or not hasattr(kernel, "run"):
+            raise ValueError(f"picks[{i}]: kernel {p['kernel']!r} is not a Triton kernel of blocksparse_moe")
+        configs = _common.tile_configs(tiles.block_size, tiles.split, dtype=tiles.dtype, tf32=precision == "tf32",
+                                       capability=capability, min_warps=tiles.min_warps, caps=tiles.caps,
+                                       fma=tiles.fma)
+        if config not in configs:
+            raise ValueError(f"picks[{i}]: config {config} of {p['kernel']} is not among this version's "
+                             f"candidates for sm_{capability[0]}{capability[1]}: {configs}")
+        staged.append((kernel, capability, tiles, precision, configs, call_key, config))
+    for kernel, capability, tiles, precision, configs, call_key, config in staged:
+        _common._autotuner(kernel, capability, tiles, precision, configs).cache[call_key] = _common._config(config)
+    return len(staged)
+
+
 def save_tuning(path: PathLike) -> int:
     """Write every autotune pick made so far in this process to ``path`` (JSON); returns how
     many. Nothing is tuned on CPU or under the interpreter, so there it writes none."""
-    picks = _common.tuned_picks()
+    picks = _tuned_picks()
     with open(path, "w") as f:
         json.dump({"format": _FORMAT, "triton": triton.__version__, "picks": picks}, f, indent=1)
     return len(picks)
@@ -57,4 +122,4 @@ def load_tuning(path: PathLike) -> int:
     if not isinstance(saved, dict) or saved.get("format") != _FORMAT or not isinstance(saved.get("picks"), list):
         raise ValueError(f"load_tuning: path {os.fspath(path)!r} is not a file written by save_tuning "
                          f"(format {_FORMAT!r})")
-    return _common.restore_picks(saved["picks"])
+    return _restore_picks(saved["picks"])
