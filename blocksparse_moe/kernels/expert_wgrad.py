@@ -216,6 +216,16 @@ def _wgrad_kernel(l_ptr, src_ptr, gw_ptr, dw_ptr, dbl_ptr, dbr_ptr, ws_ptr, wsl_
 
 
 @triton.jit
+def _sum_parts(ptrs, stride_part, n_parts, mask):
+    """The fp32 sum of ``n_parts`` consecutive workspace partials at ``ptrs``, in order."""
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _j in range(1, n_parts):
+        ptrs += stride_part
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
 def _wgrad_sum_kernel(dw_ptr, dbl_ptr, dbr_ptr, ws_ptr, wsl_ptr, wsr_ptr, expert_offsets_ptr,
                       C, N, NUM_EXPERTS, CHUNK,
                       stride_de, stride_dc, stride_dn, stride_ble, stride_blc, stride_bre, stride_brn,
@@ -239,28 +249,17 @@ def _wgrad_sum_kernel(dw_ptr, dbl_ptr, dbr_ptr, ws_ptr, wsl_ptr, wsr_ptr, expert
         n_ok = nn < N
         if STORE_DW:
             mask = c_ok[:, None] & n_ok[None, :]
-            p_dw = ws_ptr + base * stride_pp + cc[:, None] * stride_pc + nn[None, :] * stride_pn
-            acc = tl.load(p_dw, mask=mask, other=0.0)
-            for _j in range(1, n_e):
-                p_dw += stride_pp
-                acc += tl.load(p_dw, mask=mask, other=0.0)
+            acc = _sum_parts(ws_ptr + base * stride_pp + cc[:, None] * stride_pc + nn[None, :] * stride_pn,
+                             stride_pp, n_e, mask)
             tl.store(dw_ptr + e64 * stride_de + cc[:, None] * stride_dc + nn[None, :] * stride_dn,
                      acc.to(dw_ptr.dtype.element_ty), mask=mask)
         if SUM_L:
             if tn == 0:
-                p_l = wsl_ptr + base * stride_plp + cc * stride_plc
-                acc_l = tl.load(p_l, mask=c_ok, other=0.0)
-                for _j in range(1, n_e):
-                    p_l += stride_plp
-                    acc_l += tl.load(p_l, mask=c_ok, other=0.0)
+                acc_l = _sum_parts(wsl_ptr + base * stride_plp + cc * stride_plc, stride_plp, n_e, c_ok)
                 tl.store(dbl_ptr + e64 * stride_ble + cc * stride_blc, acc_l.to(dbl_ptr.dtype.element_ty), mask=c_ok)
         if SUM_R:
             if tc == 0:
-                p_r = wsr_ptr + base * stride_prp + nn * stride_prn
-                acc_r = tl.load(p_r, mask=n_ok, other=0.0)
-                for _j in range(1, n_e):
-                    p_r += stride_prp
-                    acc_r += tl.load(p_r, mask=n_ok, other=0.0)
+                acc_r = _sum_parts(wsr_ptr + base * stride_prp + nn * stride_prn, stride_prp, n_e, n_ok)
                 tl.store(dbr_ptr + e64 * stride_bre + nn * stride_brn, acc_r.to(dbr_ptr.dtype.element_ty), mask=n_ok)
 
 
