@@ -208,13 +208,13 @@ def _grid3(grid) -> Tuple[int, int, int]:
     return g + (1,) * (3 - len(g))
 
 
-def _candidates(plan, capability: Tuple[int, int]) -> List[Dict[str, object]]:
-    """The meta-parameter sets this launch would run with on the target: each config of
-    ``Tiles.variants`` (a tiled product), else the launch's own (a fixed launch)."""
+def _candidates(plan, capability: Tuple[int, int], kernel: str) -> List[Dict[str, object]]:
+    """The meta-parameter sets a launch of ``kernel`` (its function's name) would run with on
+    the target: each config of ``Tiles.variants`` (a tiled product), else the launch's own."""
     from .kernels import _common
 
     if isinstance(plan, _common.Tiles):
-        return [dict(v) for v in plan.variants(capability)]
+        return [dict(v) for v in plan.variants(capability, kernel=kernel)]
     return [{}]
 
 
@@ -222,7 +222,7 @@ def _launch_costs(kernel_name: str, params: Sequence[str], bound: Dict[str, obje
                   capability: Tuple[int, int]) -> LaunchCosts:
     rule = _rule_of(params)
     best: Optional[LaunchCosts] = None
-    for variant in _candidates(plan, capability):
+    for variant in _candidates(plan, capability, kernel_name.rpartition(".")[2]):
         meta = {**bound, **variant}
         g = _grid3(grid(meta) if callable(grid) else grid)
         n = g[0] * g[1] * g[2]

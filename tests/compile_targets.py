@@ -280,7 +280,7 @@ def _variants(launch: Launch, cap: int) -> List[Dict[str, object]]:
         if launch.plan is None and any(name == "INTERPRET" for name, _, _ in launch.args):
             base["INTERPRET"] = False  # the GPU branch of _common.dot
         return [base]
-    return launch.plan.variants((cap // 10, cap % 10))
+    return launch.plan.variants((cap // 10, cap % 10), kernel=launch.qualname)
 
 
 def _fp8_target(launch: Launch, cap: int) -> int:

@@ -103,3 +103,46 @@ def test_fma_bounds_raise_only_the_true_fp32_configs():
     # Nor past the row padding when BLOCK_K splits the b x b blocks ("k" in split).
     split_k = _common.tile_configs(16, "k", dtype=torch.float32, capability=(9, 0), fma=(32, 0))
     assert all(c["BLOCK_K"] == 16 for c in split_k)
+
+
+def _as_tuple(c):
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+
+
+def test_spilling_configs_are_dropped_for_their_kernel_only():
+    # dsd at b = 32 in half precision on sm_80: the 32x64x32 4-warp 3-stage and 32x128x32
+    # 8-warp 3-stage variants spilled (full compile sweep, Triton 3.9). Those two only go.
+    kw = dict(dtype=torch.bfloat16, capability=(8, 0))
+    everyone = [_as_tuple(c) for c in _common.tile_configs(32, "mk", **kw)]
+    dsd = [_as_tuple(c) for c in _common.tile_configs(32, "mk", kernel="_dsd_kernel", **kw)]
+    gone = {(32, 64, 32, 4, 3), (32, 128, 32, 8, 3)}
+    assert gone <= set(everyone)
+    assert dsd == [c for c in everyone if c not in gone] and dsd
+    # Another kernel, another target, the interpreter: untouched.
+    assert [_as_tuple(c) for c in _common.tile_configs(32, "mk", kernel="_sdd_kernel", **kw)] == everyone
+    sm90 = dict(kw, capability=(9, 0))
+    assert _common.tile_configs(32, "mk", kernel="_dsd_kernel", **sm90) == _common.tile_configs(32, "mk", **sm90)
+    assert _common.tile_configs(32, "mk", kernel="_dsd_kernel") == _common.tile_configs(32, "mk")
+    # A plan's variants (what the compile test compiles) drop them the same way.
+    plan = _common.Tiles("mk", 32, torch.bfloat16)
+    assert [_as_tuple(v) for v in plan.variants((8, 0), kernel="_dsd_kernel")] == dsd
+
+
+def test_spilling_table_names_real_kernels_targets_and_classes():
+    import importlib
+    import inspect
+
+    modules = [importlib.import_module(f"blocksparse_moe.kernels.{m}") for m in ("experts", "dsd", "sdd", "expert_wgrad")]
+    names = {name for mod in modules for name, _ in inspect.getmembers(mod) if name.endswith("_kernel")}
+    for (kernel, family, cls), configs in _common._SPILLING.items():
+        assert kernel in names, kernel
+        assert (family, cls) in _common._CONFIGS, (family, cls)
+        assert configs and all(len(c) == 5 for c in configs)
+
+
+def test_a_kernel_left_without_configs_is_an_error(monkeypatch):
+    kw = dict(dtype=torch.bfloat16, capability=(8, 0))
+    every = tuple(_as_tuple(c) for c in _common.tile_configs(64, "", **kw))
+    monkeypatch.setitem(_common._SPILLING, ("_dsd_kernel", "sm80", "half"), every)
+    with pytest.raises(RuntimeError, match="_SPILLING"):
+        _common.tile_configs(64, "", kernel="_dsd_kernel", **kw)

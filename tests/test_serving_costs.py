@@ -29,7 +29,7 @@ class _HandTiles(_common.Tiles):
 
     configs: Tuple[Tuple[Tuple[str, int], ...], ...] = ()
 
-    def variants(self, capability):
+    def variants(self, capability, kernel=""):
         return [dict(c) for c in self.configs]
 
 

@@ -125,6 +125,30 @@ _CONFIGS: Dict[Tuple[str, str], List[Tuple[int, int, int, int, int]]] = {
     ("sm90", "fp8"): [(128, 64, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 4)],
     ("sm100", "fp8"): [(64, 64, 128, 8, 4), (64, 64, 128, 8, 3)],
 }
+# Configs ptxas spills for one kernel on one target, dropped from that kernel's candidates
+# there: (kernel function, family, operand class) -> configs as compiled (after clipping and
+# the warp/K bounds). ptxas's choice to spill 8 to 48 bytes is not monotone in the tile (one
+# more stage or warp, or one fewer, compiles clean: bench/compile_report.py's full sweep,
+# Triton 3.6 or 3.9 or both), so the table entries stay and these variants go; removing a
+# candidate never changes how the others compile. Every list keeps at least one config
+# (tile_configs raises otherwise; the compile test records every launch).
+_SPILLING: Dict[Tuple[str, str, str], Tuple[Tuple[int, int, int, int, int], ...]] = {
+    ("_act_bwd_kernel", "sm80", "half"): ((16, 64, 32, 8, 4),),
+    ("_act_bwd_kernel", "sm80", "fp32"): ((16, 32, 32, 8, 2), (32, 32, 32, 8, 2)),
+    ("_act_bwd_kernel", "sm100", "half"): ((16, 64, 64, 8, 4), (32, 64, 64, 8, 3), (64, 64, 64, 8, 3)),
+    ("_act_bwd_kernel", "sm100", "tf32"): ((64, 32, 32, 8, 3),),
+    ("_down_kernel", "sm100", "half"): ((128, 128, 64, 4, 3),),
+    ("_down_kernel", "sm100", "tf32"): ((64, 128, 32, 8, 3),),
+    ("_dsd_kernel", "sm80", "half"): ((32, 64, 32, 4, 3), (32, 128, 32, 8, 3)),
+    ("_dsd_kernel", "sm100", "tf32"): ((32, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 3)),
+    ("_sdd_merged_kernel", "sm80", "half"): ((16, 64, 64, 4, 3), (32, 128, 32, 4, 4)),
+    ("_sdd_merged_kernel", "sm80", "fp32"): ((32, 64, 16, 4, 2),),
+    ("_sdd_merged_kernel", "sm100", "fp32"): ((32, 64, 16, 4, 2),),
+    ("_wgrad_kernel", "sm80", "half"): ((64, 128, 16, 4, 4), (64, 128, 32, 4, 4)),
+    ("_wgrad_kernel", "sm80", "fp32"): ((32, 64, 16, 8, 2), (64, 64, 16, 8, 3)),
+    ("_wgrad_kernel", "sm100", "half"): ((128, 128, 16, 8, 4), (128, 128, 32, 8, 4)),
+    ("_wgrad_kernel", "sm100", "tf32"): ((64, 64, 16, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 4)),
+}
 _INTERPRETED = (32, 32, 32, 1, 1)  # small, but b >= 64 is split so the tiling is exercised
 # fp8: BLOCK_K is the 128-wide quantization group; b = 64 still splits into two row tiles.
 _INTERPRETED_FP8 = (32, 32, 128, 1, 1)
@@ -180,14 +204,16 @@ def _clip(cfg: Tuple[int, int, int, int, int], block_size: int, split: str,
 def tile_configs(block_size: int, split: str, device: Optional[torch.device] = None, *, min_warps: int = 1,
                  dtype: torch.dtype = torch.bfloat16, tf32: bool = False,
                  capability: Optional[Tuple[int, int]] = None,
-                 caps: Tuple[int, int, int] = (0, 0, 0), fma: Tuple[int, int] = (0, 0)) -> List[Dict[str, int]]:
+                 caps: Tuple[int, int, int] = (0, 0, 0), fma: Tuple[int, int] = (0, 0),
+                 kernel: str = "") -> List[Dict[str, int]]:
     """Candidate configs for a kernel whose ``split`` tile sizes (subset of "mnk") divide b.
 
     ``caps`` bounds ``(BLOCK_M, BLOCK_N, BLOCK_K)`` each on its own (0: no bound): for
     kernels whose tile sizes must divide different things (the fused expert path's row tile
     divides the row padding ``b``, its column tiles divide ``F``). ``fma`` raises the true-fp32
     configs (CUDA-core FMAs, operand class "fp32") to at least ``(BLOCK_K, num_warps)``
-    (0: no bound), for a kernel whose fp32 variants ptxas otherwise spills.
+    (0: no bound), for a kernel whose fp32 variants ptxas otherwise spills. ``kernel`` (its
+    function's name, :func:`kernel_name`) drops the configs :data:`_SPILLING` lists for it.
 
     With ``capability`` (e.g. ``(9, 0)``) the answer is the list for that target, computed
     without a GPU (the compile test asks this for sm_80/sm_90/sm_100). Otherwise it is for
@@ -199,17 +225,33 @@ def tile_configs(block_size: int, split: str, device: Optional[torch.device] = N
         if interpret_flag() or device is None or device.type != "cuda":
             return [_clip(_INTERPRETED_FP8 if cls == "fp8" else _INTERPRETED, block_size, split, caps)]
         capability = torch.cuda.get_device_capability(device)
+    family = config_family(capability, cls)
+    spilling = _SPILLING.get((kernel, family, cls), ())
     out: List[Dict[str, int]] = []
-    for cfg in _CONFIGS[(config_family(capability, cls), cls)]:
+    for cfg in _CONFIGS[(family, cls)]:
         c = _clip(cfg, block_size, split, caps)
         c["num_warps"] = max(c["num_warps"], min_warps)
         if cls == "fp32":  # never past what BLOCK_K must divide (b with a "k" split, its cap)
             k_limit = min(block_size if "k" in split else fma[0], caps[2] or fma[0])
             c["BLOCK_K"] = max(c["BLOCK_K"], min(fma[0], k_limit))
             c["num_warps"] = max(c["num_warps"], fma[1])
-        if c not in out:  # clipping to a small b makes several entries equal
+        if c not in out and _as_tuple(c) not in spilling:  # clipping to a small b makes entries equal
             out.append(c)
+    if not out:
+        raise RuntimeError(f"tile_configs: every {family} {cls} config of {kernel} for b={block_size}, split "
+                           f"{split!r}, caps {caps} is listed in _SPILLING; list fewer or add a table entry")
     return out
+
+
+def _as_tuple(c: Dict[str, int]) -> Tuple[int, int, int, int, int]:
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+
+
+def kernel_name(kernel) -> str:
+    """The name of a Triton kernel's Python function (``"_dsd_kernel"``), whether ``kernel``
+    is a ``JITFunction``, the interpreter's wrapper or the function: the key of :data:`_SPILLING`
+    (``""`` for anything else)."""
+    return getattr(getattr(kernel, "fn", kernel), "__name__", "")
 
 
 def bucket(n: int) -> int:
@@ -253,15 +295,16 @@ class Tiles:
         """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
         return {"INTERPRET": interpret_flag(), "INPUT_PRECISION": input_precision(self.dtype)}
 
-    def variants(self, capability: Tuple[int, int]) -> List[Dict[str, object]]:
-        """Every (constexprs + num_warps/num_stages) this launch would compile on a GPU of
-        ``capability``: each config of the target's table, and for fp32 both with and
-        without TF32 (torch's switch decides at launch time). For the AOT compile test."""
+    def variants(self, capability: Tuple[int, int], kernel: str = "") -> List[Dict[str, object]]:
+        """Every (constexprs + num_warps/num_stages) a launch of ``kernel`` (:func:`kernel_name`)
+        would compile on a GPU of ``capability``: each config of the target's table, and for
+        fp32 both with and without TF32 (torch's switch decides at launch time). For the AOT
+        compile test."""
         out = []
         for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
             precision = "tf32" if tf32 else "ieee"
             for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability,
-                                    min_warps=self.min_warps, caps=self.caps, fma=self.fma):
+                                    min_warps=self.min_warps, caps=self.caps, fma=self.fma, kernel=kernel):
                 out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
 
@@ -273,7 +316,7 @@ def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple
     """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
     launch's key over the target's candidates (built on first use, then reused)."""
     configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
-                           min_warps=tiles.min_warps, caps=tiles.caps, fma=tiles.fma)
+                           min_warps=tiles.min_warps, caps=tiles.caps, fma=tiles.fma, kernel=kernel_name(kernel))
     if len(configs) == 1 or torch.are_deterministic_algorithms_enabled():
         # Deterministic mode: the tiles come from the table (its first entry), not from a
         # timing run, so two processes or two ranks compute with the same tiles and give
