@@ -47,10 +47,10 @@ The fused expert path (``experts_forward`` / ``experts_backward``, bf16, GLU sil
 at scaled versions of two layers (see :data:`SHAPES` for the scaling and why): ``--label``
 names the result files, e.g. ``before`` for the kernels before their tile-order rewrite.
 
-    python bench/traffic.py [--shape qwen3|mixtral|all] [--out-dir bench/results] [--label before]
+    python bench/traffic.py [--shape qwen3|mixtral|deepseek-v3|all] [--out-dir bench/results] [--label before]
                             [--config 0] [--ctas N] [--default-ctas 1] [--render results.json]
 
-Run time: ~5 min (qwen3) and ~12 min (mixtral) on 2 busy CPU cores, the shapes in parallel.
+Run time: ~5 min (qwen3), ~12 min (mixtral) and ~15 min (deepseek-v3) on 2 busy CPU cores, two shapes at a time.
 The "before" results measured a ``git archive`` of HEAD (the working tree was mid-edit):
 ``PYTHONPATH=<archive> python bench/traffic.py --label before --source "..."``.
 
@@ -564,6 +564,9 @@ class ExpertShape:
 #    k=8. SMs / 8, L2 / 32 (alt / 128).
 #  * Mixtral-like (T=4096, H=4096, F=14336, E=8, k=2, b=128; 1024 rows per expert): E and k
 #    leave H and F; / 16: T=4096 H=256 F=896 E=8 k=2. SMs kept, L2 / 16 (alt / 256).
+#  * DeepSeek-V3 at T=16384 (H=7168, F=2048, E=256, k=8, b=128 as block_size_for_call picks;
+#    512 rows per expert), the prefill the issue's 1.5-3x estimate was made at: T and E / 16
+#    (E = 16 again), H and F / 8: T=1024 H=896 F=256 E=16 k=8. SMs / 16, L2 / 128 (alt / 1024).
 SHAPES: Dict[str, ExpertShape] = {
     "qwen3": ExpertShape("qwen3", 512, 512, 192, 16, 8, 64,
                          "Qwen3-30B-A3B: T=4096 H=2048 F=768 E=128 k=8 b=64", 1 / 8, 1 / 32, 1 / 128,
@@ -572,6 +575,10 @@ SHAPES: Dict[str, ExpertShape] = {
     "mixtral": ExpertShape("mixtral", 4096, 256, 896, 8, 2, 128,
                            "Mixtral-like: T=4096 H=4096 F=14336 E=8 k=2 b=128", 1.0, 1 / 16, 1 / 256,
                            "H, F / 16; SMs kept, L2 / 16 (alt: / 256, the working set's factor)", 1 / 16),
+    "deepseek-v3": ExpertShape("deepseek-v3", 1024, 896, 256, 16, 8, 128,
+                               "DeepSeek-V3: T=16384 H=7168 F=2048 E=256 k=8 b=128", 1 / 16, 1 / 128, 1 / 1024,
+                               "T, E / 16 and H, F / 8; SMs / 16, L2 / 128 (alt: / 1024, the working set's factor)",
+                               1 / 8, 1 / 16),
 }
 
 
@@ -601,10 +608,18 @@ def _full_size_schedule(shape: ExpertShape) -> Iterator[None]:
     a row operand H or F wide) hold as many rows as at full size (their bytes scale with H
     and F), and the weight gradient cuts an expert's rows into chunks only where the
     full-size layer would (``expert_wgrad.SPLIT_ROWS``: the full-size chunk length, in rows,
-    which a scaled layer's rows per expert compare with directly)."""
-    from blocksparse_moe.kernels import expert_wgrad
+    which a scaled layer's rows per expert compare with directly). A package from before
+    both (a "before" measurement of an older commit) runs as it is."""
     from blocksparse_moe.kernels import experts as fused
-    from blocksparse_moe.kernels.static_routing import padded_rows_bound
+
+    try:
+        from blocksparse_moe.kernels import expert_wgrad
+        from blocksparse_moe.kernels.static_routing import padded_rows_bound
+    except ImportError:
+        expert_wgrad = None
+    if expert_wgrad is None or not hasattr(fused, "BAND_BYTES"):
+        yield
+        return
 
     t, h, f, e = shape.full_size()
     b = shape.block_size
@@ -714,9 +729,11 @@ def launch_rows(launches: Sequence[Launch], target: Target = H100, *, useful_flo
 
 
 def experts_rows(shape: "str | ExpertShape", *, target: Target = H100, select: int = 0,
-                 ctas: Optional[int] = None, default_ctas: int = 1, seed: int = 0) -> List[Dict[str, object]]:
+                 ctas: Optional[int] = None, default_ctas: int = 1, seed: int = 0,
+                 report: str = COMPILE_REPORT) -> List[Dict[str, object]]:
     """The per-kernel rows of one forward + backward of the fused expert path at ``shape`` (a
-    :data:`SHAPES` key or an :class:`ExpertShape`), on ``target`` scaled as the shape says."""
+    :data:`SHAPES` key or an :class:`ExpertShape`), on ``target`` scaled as the shape says;
+    CTAs per SM from the sm_90 compile ``report`` (:func:`compiled_resources`)."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     start = time.perf_counter()
     launches = run_experts(shape, select=select, seed=seed)
@@ -726,7 +743,7 @@ def experts_rows(shape: "str | ExpertShape", *, target: Target = H100, select: i
     rows = []
     for name, useful in (("fwd", 6 * unit), ("bwd", 12 * unit)):
         rows += launch_rows(launches[name], scaled, useful_flops=useful, ctas=ctas, default_ctas=default_ctas,
-                            alt_l2_bytes=alt_l2, extra={"shape": shape.name, "pass": name})
+                            alt_l2_bytes=alt_l2, report=report, extra={"shape": shape.name, "pass": name})
     print(f"{shape.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return rows
 
@@ -790,6 +807,13 @@ def _written(row: Dict) -> str:
     return row["kernel"] + (f" -> {', '.join(written)}" if written else "")
 
 
+def _report_name(meta: Dict[str, object]) -> str:
+    report = str(meta.get("report") or COMPILE_REPORT)
+    if os.path.abspath(report) == os.path.abspath(COMPILE_REPORT):
+        return "bench/results/compile-sm90.json"
+    return report
+
+
 def markdown(rows: List[Dict], meta: Dict) -> str:
     """The result page: how the model works, the validation, and per shape one row per launch
     plus its operands."""
@@ -803,7 +827,7 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
              "every touched sector once. AI = useful FLOPs / HBM bytes (useful: the GLU's 6TkHF forward and "
              "12TkHF backward split over the launches by their executed `tl.dot` FLOPs). t_hbm = HBM / "
              "3.35 TB/s, t_mma = executed FLOPs / 800 TFLOP/s (H100 bf16 dense); times are at the scaled "
-             "shape. CTAs/SM from bench/results/compile-sm90.json (registers, shared memory) where it lists "
+             f"shape. CTAs/SM from {_report_name(meta)} (registers, shared memory) where it lists "
              f"the kernel's config and flags, else {meta['default_ctas']}.", "",
              f"Source measured: {meta['source']}. Interpreter + replay: {meta['seconds']:.0f} s.", ""]
     v = meta.get("validation")
@@ -877,6 +901,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", type=int, default=0, help="entry of the sm_90 config table (0: largest)")
     parser.add_argument("--ctas", type=int, default=None, help="CTAs per SM for every kernel (default: report)")
     parser.add_argument("--default-ctas", type=int, default=1, help="CTAs per SM where the report has none")
+    parser.add_argument("--report", default=COMPILE_REPORT,
+                        help="the sm_90 compile report the CTAs per SM come from (an older commit's for "
+                             "a 'before' run of that commit's package)")
     parser.add_argument("--jobs", type=int, default=2, help="shapes recorded in parallel processes")
     parser.add_argument("--no-validation", action="store_true")
     parser.add_argument("--source", default=None, help="what the measured package is, for the notes")
@@ -890,7 +917,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     start = time.perf_counter()
     names = list(SHAPES) if args.shape == "all" else [args.shape]
-    kwargs = dict(select=args.config, ctas=args.ctas, default_ctas=args.default_ctas)
+    kwargs = dict(select=args.config, ctas=args.ctas, default_ctas=args.default_ctas, report=args.report)
     if args.jobs > 1 and len(names) > 1:
         import multiprocessing
 
@@ -906,7 +933,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
     except OSError:
         commit = "?"
-    meta = {"label": args.label, "config_index": args.config, "default_ctas": args.default_ctas,
+    meta = {"label": args.label, "config_index": args.config, "default_ctas": args.default_ctas, "report": args.report,
             "ctas": args.ctas, "target": H100.__dict__, "triton": triton.__version__,
             "source": f"{os.path.dirname(blocksparse_moe.__file__)} (git {commit})"
                       + (f", {args.source}" if args.source else ""),
