@@ -238,3 +238,25 @@ def test_experts_rows_small_layer():
     assert 2 * slots * 2 * f * h <= up["executed_flops"] <= 2 * padded * 2 * f * h
     fwd_useful = sum(r["useful_flops"] for r in rows if r["pass"] == "fwd")
     assert fwd_useful == pytest.approx(6 * slots * h * f)
+
+
+@pytest.mark.parametrize("name", sorted(traffic.SHAPES))
+def test_scaled_shapes_keep_what_decides_l2_reuse(name):
+    """Each scaled layer keeps k, b and the rows per expert of the layer it stands for, and
+    scales SMs and L2 as the notes above SHAPES say: SMs with T and E (the row scale r), L2
+    with every sweep's footprint (r times the column scale c), the alternative L2 with the
+    weights (r * c^2)."""
+    import re
+
+    s = traffic.SHAPES[name]
+    full = dict(re.findall(r"\b([THFEkb])=(\d+)", s.full))
+    t, h, f, e = s.full_size()
+    assert (t, h, f, e) == tuple(int(full[c]) for c in "THFE")
+    assert (s.top_k, s.block_size) == (int(full["k"]), int(full["b"]))
+    assert s.tokens * s.top_k / s.experts == t * s.top_k / e  # rows per expert
+    assert s.top_k < s.experts  # k distinct experts per token
+    r, c = s.row_scale, s.column_scale
+    assert s.sms_scale == pytest.approx(r)
+    assert s.l2_scale == pytest.approx(r * c)
+    assert s.l2_scale_alt == pytest.approx(r * c * c)
+    assert s.ffn % 16 == 0 and s.hidden % 16 == 0  # the smallest tile divides both
