@@ -139,6 +139,7 @@ def ctas_per_sm(regs: int, shared: int, num_warps: int, target: Target = H100) -
 
 
 _REPORT_CACHE: Dict[str, List[Dict]] = {}
+_EXPERT_COUNT_FLAGS = ("E_POW2", "EXPERTS_P2")
 
 
 def _report_variants(path: str) -> List[Dict]:
@@ -156,6 +157,9 @@ def compiled_resources(kernel: str, meta: Dict[str, object], dtype: str = "bf16"
     """``(registers, shared bytes)`` of ``kernel`` (a function name, ``_up_kernel``) compiled
     with the launch's config and flags, from the compile report; the largest over the
     report's variants that agree (stride specialisations), None when it lists none."""
+    # Flags that hold the expert count (rounded up to a power of two: the width of one vector
+    # load of the expert offsets) differ between the compile workload (E = 2) and the layer
+    # modelled; they cost a register or two, so the lookup ignores them.
     short = kernel.lstrip("_")
     short = short[:-len("_kernel")] if short.endswith("_kernel") else short
     try:
@@ -170,7 +174,7 @@ def compiled_resources(kernel: str, meta: Dict[str, object], dtype: str = "bf16"
         if v.get("block_size") is not None and "BLOCK" in meta and v["block_size"] != meta["BLOCK"]:
             continue
         flags = dict(f.split("=", 1) for f in (v.get("flags") or "").split() if "=" in f)
-        if all(k not in meta or str(meta[k]) == val for k, val in flags.items()):
+        if all(k not in meta or k in _EXPERT_COUNT_FLAGS or str(meta[k]) == val for k, val in flags.items()):
             found.append((v["regs"], v["shared"]))
     if not found:
         return None
@@ -566,7 +570,13 @@ class ExpertShape:
 #    leave H and F; / 16: T=4096 H=256 F=896 E=8 k=2. SMs kept, L2 / 16 (alt / 256).
 #  * DeepSeek-V3 at T=16384 (H=7168, F=2048, E=256, k=8, b=128 as block_size_for_call picks;
 #    512 rows per expert), the prefill the issue's 1.5-3x estimate was made at: T and E / 16
-#    (E = 16 again), H and F / 8: T=1024 H=896 F=256 E=16 k=8. SMs / 16, L2 / 128 (alt / 1024).
+#    (E = 16 again), H and F / 8: T=1024 H=896 F=256 E=16 k=8. Scaled for the expert-major
+#    order (experts._expert_tiles): there the resident CTAs work inside one expert's band, so
+#    what decides reuse is per expert (rows kept, H and F / c): the band's row operand / L2
+#    and the resident CTAs / CTAs per expert. Both stay when SMs and L2 shrink by c, whatever
+#    T and E do: SMs / 8, L2 / 8. The alternative L2 is the other shapes' rule, / (r c) = / 128,
+#    right for the old row-fast order (a grid column spans every expert) and pessimistic for
+#    the new one. (At r = 1/16 that rule leaves the scaled L2 smaller than one band of x.)
 SHAPES: Dict[str, ExpertShape] = {
     "qwen3": ExpertShape("qwen3", 512, 512, 192, 16, 8, 64,
                          "Qwen3-30B-A3B: T=4096 H=2048 F=768 E=128 k=8 b=64", 1 / 8, 1 / 32, 1 / 128,
@@ -576,8 +586,9 @@ SHAPES: Dict[str, ExpertShape] = {
                            "Mixtral-like: T=4096 H=4096 F=14336 E=8 k=2 b=128", 1.0, 1 / 16, 1 / 256,
                            "H, F / 16; SMs kept, L2 / 16 (alt: / 256, the working set's factor)", 1 / 16),
     "deepseek-v3": ExpertShape("deepseek-v3", 1024, 896, 256, 16, 8, 128,
-                               "DeepSeek-V3: T=16384 H=7168 F=2048 E=256 k=8 b=128", 1 / 16, 1 / 128, 1 / 1024,
-                               "T, E / 16 and H, F / 8; SMs / 16, L2 / 128 (alt: / 1024, the working set's factor)",
+                               "DeepSeek-V3: T=16384 H=7168 F=2048 E=256 k=8 b=128", 1 / 8, 1 / 8, 1 / 128,
+                               "T, E / 16 and H, F / 8; SMs / 8, L2 / 8, as the expert-major order's reuse "
+                               "scales (alt: / 128, the other shapes' rule, right for a row-fast order)",
                                1 / 8, 1 / 16),
 }
 
