@@ -155,11 +155,13 @@ def _report_variants(path: str) -> List[Dict]:
 def compiled_resources(kernel: str, meta: Dict[str, object], dtype: str = "bf16",
                        report: str = COMPILE_REPORT) -> Optional[Tuple[int, int]]:
     """``(registers, shared bytes)`` of ``kernel`` (a function name, ``_up_kernel``) compiled
-    with the launch's config and flags, from the compile report; the largest over the
-    report's variants that agree (stride specialisations), None when it lists none."""
+    with the launch's config, from the compile report: the largest over the report's variants
+    of that config whose flags agree with the launch's in the most places (all of them where
+    the compile workload made this very variant; fewer where the layer modelled has, say,
+    another F and with it another ``PART``), None when the report has that config nowhere."""
     # Flags that hold the expert count (rounded up to a power of two: the width of one vector
     # load of the expert offsets) differ between the compile workload (E = 2) and the layer
-    # modelled; they cost a register or two, so the lookup ignores them.
+    # modelled; they cost a register or two, so they do not count as disagreeing.
     short = kernel.lstrip("_")
     short = short[:-len("_kernel")] if short.endswith("_kernel") else short
     try:
@@ -167,18 +169,20 @@ def compiled_resources(kernel: str, meta: Dict[str, object], dtype: str = "bf16"
                   f"w{meta['num_warps']} s{meta['num_stages']}")
     except KeyError:
         return None
-    found = []
+    found: Dict[int, List[Tuple[int, int]]] = {}
     for v in _report_variants(report):
         if v.get("kernel") != short or v.get("config") != config or v.get("dtype") != dtype or not v.get("ok"):
             continue
         if v.get("block_size") is not None and "BLOCK" in meta and v["block_size"] != meta["BLOCK"]:
             continue
         flags = dict(f.split("=", 1) for f in (v.get("flags") or "").split() if "=" in f)
-        if all(k not in meta or k in _EXPERT_COUNT_FLAGS or str(meta[k]) == val for k, val in flags.items()):
-            found.append((v["regs"], v["shared"]))
+        disagree = sum(1 for k, val in flags.items()
+                       if k in meta and k not in _EXPERT_COUNT_FLAGS and str(meta[k]) != val)
+        found.setdefault(disagree, []).append((v["regs"], v["shared"]))
     if not found:
         return None
-    return max(r for r, _ in found), max(s for _, s in found)
+    best = found[min(found)]
+    return max(r for r, _ in best), max(s for _, s in best)
 
 
 # -- recording -----------------------------------------------------------------------------

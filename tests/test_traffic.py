@@ -188,14 +188,19 @@ def test_compiled_resources_matches_config_and_flags(tmp_path):
     report = tmp_path / "compile.json"
     variant = dict(kernel="up", dtype="bf16", block_size=64, config="64x64x64 w8 s3", ok=True)
     report.write_text(json.dumps({"variants": [
-        {**variant, "flags": "GLU=True HAS_BIAS=False", "regs": 64, "shared": 74752},
+        {**variant, "flags": "E_POW2=2 GLU=True HAS_BIAS=False", "regs": 64, "shared": 74752},
         {**variant, "flags": "GLU=False HAS_BIAS=False", "regs": 40, "shared": 50000},
-        {**variant, "flags": "GLU=True HAS_BIAS=False", "regs": 70, "shared": 70000},  # another stride variant
+        {**variant, "flags": "E_POW2=2 GLU=True HAS_BIAS=False", "regs": 70, "shared": 70000},  # another stride variant
     ]}))
     meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3, BLOCK=64, GLU=True, HAS_BIAS=False)
     assert traffic.compiled_resources("_up_kernel", meta, report=str(report)) == (70, 74752)
     assert traffic.compiled_resources("_up_kernel", {**meta, "num_stages": 4}, report=str(report)) is None
     assert traffic.compiled_resources("_down_kernel", meta, report=str(report)) is None
+    # A flag combination the compile workload did not make: the closest one (GLU agrees, HAS_BIAS
+    # does not) beats the one that agrees nowhere; the expert-count flag never disagrees.
+    other = {**meta, "HAS_BIAS": True, "E_POW2": 64}
+    assert traffic.compiled_resources("_up_kernel", other, report=str(report)) == (70, 74752)
+    assert traffic.compiled_resources("_up_kernel", {**other, "GLU": False}, report=str(report)) == (40, 50000)
 
 
 def test_gpu_configs_picks_one_entry_of_the_sm90_table():
