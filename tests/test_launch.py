@@ -105,8 +105,7 @@ def test_fma_bounds_raise_only_the_true_fp32_configs():
     assert all(c["BLOCK_K"] == 16 for c in split_k)
 
 
-def _as_tuple(c):
-    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+_as_tuple = _common._as_tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 
 
 def test_spilling_configs_are_dropped_for_their_kernel_only():
