@@ -44,13 +44,13 @@ tutorial's GROUP_M swizzle reads B once per group of GROUP_M row tiles instead; 
 matches those analytic counts, and a GEMM that fits in L2 reads each operand once.
 
 The fused expert path (``experts_forward`` / ``experts_backward``, bf16, GLU silu) is measured
-at scaled versions of two layers (see :data:`SHAPES` for the scaling and why): ``--label``
+at scaled versions of three layers (see :data:`SHAPES` for the scaling and why): ``--label``
 names the result files, e.g. ``before`` for the kernels before their tile-order rewrite.
 
     python bench/traffic.py [--shape qwen3|mixtral|deepseek-v3|all] [--out-dir bench/results] [--label before]
                             [--config 0] [--ctas N] [--default-ctas 1] [--render results.json]
 
-Run time: ~5 min (qwen3), ~12 min (mixtral) and ~15 min (deepseek-v3) on 2 busy CPU cores, two shapes at a time.
+Run time: ~2 min (qwen3), ~10 min each (mixtral, deepseek-v3) on 2 busy CPU cores, two shapes at a time.
 The "before" results measured a ``git archive`` of HEAD (the working tree was mid-edit):
 ``PYTHONPATH=<archive> python bench/traffic.py --label before --source "..."``.
 
