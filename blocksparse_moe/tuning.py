@@ -89,9 +89,7 @@ def _restore_picks(picks: List[Dict[str, object]]) -> int:
             raise ValueError(f"picks[{i}]: not a saved autotune pick ({type(e).__name__}: {e})") from None
         if kernel is None or not hasattr(kernel, "run"):
             raise ValueError(f"picks[{i}]: kernel {p['kernel']!r} is not a Triton kernel of blocksparse_moe")
-        configs = _common.tile_configs(tiles.block_size, tiles.split, dtype=tiles.dtype, tf32=precision == "tf32",
-                                       capability=capability, min_warps=tiles.min_warps, caps=tiles.caps,
-                                       fma=tiles.fma, kernel=_common.kernel_name(kernel))
+        configs = tiles.candidates(_common.kernel_name(kernel), precision, capability=capability)
         if config not in configs:
             raise ValueError(f"picks[{i}]: config {config} of {p['kernel']} is not among this version's "
                              f"candidates for sm_{capability[0]}{capability[1]}: {configs}")

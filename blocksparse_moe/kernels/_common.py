@@ -295,6 +295,14 @@ class Tiles:
         """The constexprs :func:`dot` reads, for the current process (interpreter or GPU)."""
         return {"INTERPRET": interpret_flag(), "INPUT_PRECISION": input_precision(self.dtype)}
 
+    def candidates(self, kernel: str, precision: str, device: Optional[torch.device] = None,
+                capability: Optional[Tuple[int, int]] = None) -> List[Dict[str, int]]:
+        """:func:`tile_configs` of this plan for ``kernel`` (:func:`kernel_name`) at input
+        ``precision`` ("tf32" or "ieee"), on ``device`` or for ``capability``."""
+        return tile_configs(self.block_size, self.split, device, dtype=self.dtype, tf32=precision == "tf32",
+                            capability=capability, min_warps=self.min_warps, caps=self.caps, fma=self.fma,
+                            kernel=kernel)
+
     def variants(self, capability: Tuple[int, int], kernel: str = "") -> List[Dict[str, object]]:
         """Every (constexprs + num_warps/num_stages) a launch of ``kernel`` (:func:`kernel_name`)
         would compile on a GPU of ``capability``: each config of the target's table, and for
@@ -303,8 +311,7 @@ class Tiles:
         out = []
         for tf32 in ((False, True) if self.dtype == torch.float32 else (False,)):
             precision = "tf32" if tf32 else "ieee"
-            for cfg in tile_configs(self.block_size, self.split, dtype=self.dtype, tf32=tf32, capability=capability,
-                                    min_warps=self.min_warps, caps=self.caps, fma=self.fma, kernel=kernel):
+            for cfg in self.candidates(kernel, precision, capability=capability):
                 out.append({**cfg, "INTERPRET": False, "INPUT_PRECISION": precision})
         return out
 
@@ -315,8 +322,7 @@ _TUNED: Dict[tuple, object] = {}
 def _runner(kernel, tiles: Tiles, device: torch.device, precision: str) -> Tuple[Callable, Dict[str, int]]:
     """``(runner, meta)``: the raw kernel with its one config, or the autotuner of this
     launch's key over the target's candidates (built on first use, then reused)."""
-    configs = tile_configs(tiles.block_size, tiles.split, device, dtype=tiles.dtype, tf32=precision == "tf32",
-                           min_warps=tiles.min_warps, caps=tiles.caps, fma=tiles.fma, kernel=kernel_name(kernel))
+    configs = tiles.candidates(kernel_name(kernel), precision, device)
     if len(configs) == 1 or torch.are_deterministic_algorithms_enabled():
         # Deterministic mode: the tiles come from the table (its first entry), not from a
         # timing run, so two processes or two ranks compute with the same tiles and give
